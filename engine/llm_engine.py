@@ -1,0 +1,186 @@
+"""The step loop: schedule, run the model, sample, process outputs."""
+
+import random
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, parse_bytes
+from engine.loader import load_config, load_model, resolve_model_path
+from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.output_processor import (
+    RequestState,
+    make_output,
+    make_tokenizer_state,
+    process_token,
+)
+from engine.outputs import RequestOutput
+from engine.sampler import sample
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
+from kv_manager import KVCacheManager
+from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+
+PromptType = str | list[int]
+
+
+class LLMEngine:
+    """Owns the model, the KV pool and the scheduler; `step()` advances all requests."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        torch.manual_seed(config.seed)
+        self._seed_source = random.Random(config.seed)
+        folder = resolve_model_path(config.model)
+        self.model_path = folder
+        self.hf_config = load_config(folder)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(folder)
+        self.model = load_model(folder, self.hf_config, self.dtype, self.device)
+        self.max_model_len = self._max_model_len()
+        self.eos_token_ids = self._eos_token_ids()
+        num_blocks = self._num_kv_blocks()
+        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
+        )
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, self.dtype, self.device
+        )
+        self.vocab_size = self.model.compute_logits(
+            torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+        ).shape[-1]
+
+    # -- setup ---------------------------------------------------------------
+
+    def _max_model_len(self) -> int:
+        c = self.hf_config
+        native = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        if native is None:  # ALiBi models have no position limit of their own
+            native = self.config.max_model_len or 2048
+        if self.config.max_model_len is not None:
+            return min(self.config.max_model_len, native)
+        return native
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (
+            getattr(self.hf_config, "eos_token_id", None),
+            self.tokenizer.eos_token_id if self.tokenizer else None,
+        ):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list):
+                ids.update(source)
+        return frozenset(ids)
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.kv_cache_blocks is not None:
+            return self.config.kv_cache_blocks
+        per_block = kv_bytes_per_block(self.model, self.config.block_size, self.dtype)
+        blocks = parse_bytes(self.config.kv_cache_bytes) // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes={self.config.kv_cache_bytes} holds no block "
+                f"({per_block} bytes each)"
+            )
+        return blocks
+
+    # -- requests ------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None
+    ) -> None:
+        """Validate, tokenize and queue a request. Raises ValueError on bad input;
+        the engine and its other requests are unaffected."""
+        params = params or SamplingParams()
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        max_tokens = self._check_lengths(prompt_ids, params)
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        state = RequestState(
+            prompt_text,
+            params,
+            generator,
+            stop_ids,
+            make_tokenizer_state(self.tokenizer, prompt_ids, params),
+        )
+        self.scheduler.add_request(Request(request_id, prompt_ids, max_tokens, payload=state))
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: give the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        else:
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        return text, ids
+
+    def _check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens, but the model's context is "
+                f"{self.max_model_len} tokens (room is needed for output)"
+            )
+        if params.max_tokens is None:
+            return self.max_model_len - n
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the model's context of {self.max_model_len} tokens"
+            )
+        return params.max_tokens
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output."""
+        request = self.scheduler.abort_request(request_id)
+        return None if request is None else make_output(request, request.payload)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for each request that produced a token."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits = self.runner.execute(sched.chunks, self.kv.block_table)
+        sampling = [c.request for c in sched.chunks if c.samples]
+        rows = [r.payload.sampling_row(r) for r in sampling]
+        tokens = sample(logits, rows)
+        by_id = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+        updated = self.scheduler.update_from_output(
+            sched, {rid: t.token_id for rid, t in by_id.items()}
+        )
+        outputs = []
+        for request in updated:
+            status = process_token(request, request.payload, by_id[request.request_id])
+            if status.is_finished:
+                self.scheduler.finish_request(request.request_id, status)
+            outputs.append(make_output(request, request.payload))
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "kv_blocks_used": self.kv.num_used_blocks,
+            "kv_blocks_total": self.kv.num_total_blocks,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+
+__all__ = ["LLMEngine", "PromptType", "RequestStatus"]

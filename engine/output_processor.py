@@ -1,0 +1,117 @@
+"""Per-request generation state: detokenize, check stops, build outputs."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampler import SampledToken, SamplingRow
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from scheduler import Request, RequestStatus
+
+
+@dataclass
+class RequestState:
+    """What the engine keeps per request beside the scheduler's Request."""
+
+    prompt: str | None
+    params: SamplingParams
+    generator: torch.Generator
+    stop_token_ids: frozenset[int]  # eos (unless ignore_eos) + stop_token_ids
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    stop_reason: str | int | None = None
+    # Characters held back from streaming while they could start a stop string.
+    holdback: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        stops = self.params.stop or []
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        if self.params.logprobs is not None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
+
+    def sampling_row(self, request: Request) -> SamplingRow:
+        return SamplingRow(
+            self.params,
+            self.generator,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            self.stop_token_ids,
+        )
+
+
+def process_token(request: Request, state: RequestState, sampled: SampledToken) -> RequestStatus:
+    """Account for the token just appended to `request`; returns its new status
+    (RUNNING, or a finished state)."""
+    token = sampled.token_id
+    if state.logprobs is not None and sampled.top_logprobs is not None:
+        _decode_logprobs(state, sampled.top_logprobs)
+        state.logprobs.append(sampled.top_logprobs)
+        state.cumulative_logprob += sampled.logprob
+    if token in state.stop_token_ids and len(request.output_token_ids) > state.params.min_tokens:
+        state.stop_reason = None if _is_eos(state, token) else token
+        return RequestStatus.FINISHED_STOPPED
+    if state.detokenizer is not None:
+        delta = state.detokenizer.add_token(token)
+        state.text += delta
+        if delta and state.params.stop and _check_stop_strings(state, len(delta)):
+            return RequestStatus.FINISHED_STOPPED
+    if len(request.output_token_ids) >= request.max_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    return RequestStatus.RUNNING
+
+
+def _is_eos(state: RequestState, token: int) -> bool:
+    return token not in state.params.stop_token_ids
+
+
+def _check_stop_strings(state: RequestState, new_len: int) -> bool:
+    found = find_stop(state.text, new_len, state.params.stop)
+    if found is None:
+        return False
+    index, stop = found
+    end = index + len(stop) if state.params.include_stop_str_in_output else index
+    state.text = state.text[:end]
+    state.stop_reason = stop
+    return True
+
+
+def _decode_logprobs(state: RequestState, top: dict[int, Logprob]) -> None:
+    if state.detokenizer is None:
+        return
+    tok = state.detokenizer.tokenizer
+    for token_id, lp in top.items():
+        lp.decoded_token = tok.decode([token_id], skip_special_tokens=False)
+
+
+def make_output(request: Request, state: RequestState) -> RequestOutput:
+    status = request.status
+    finished = status.is_finished
+    # While running, hold back text that may turn out to begin a stop string.
+    text = state.text
+    if not finished and state.holdback:
+        text = text[: max(0, len(text) - state.holdback)]
+    completion = CompletionOutput(
+        index=0,
+        text=text,
+        token_ids=list(request.output_token_ids),
+        cumulative_logprob=state.cumulative_logprob,
+        logprobs=state.logprobs,
+        finish_reason=status.finish_reason,
+        stop_reason=state.stop_reason,
+    )
+    return RequestOutput(
+        request.request_id, state.prompt, request.prompt_token_ids, [completion], finished
+    )
+
+
+def make_tokenizer_state(
+    tokenizer: Tokenizer | None, prompt_ids: list[int], params: SamplingParams
+) -> IncrementalDetokenizer | None:
+    if tokenizer is None:
+        return None
+    return IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)

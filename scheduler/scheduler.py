@@ -1,0 +1,175 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption."""
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kv_manager import KVCacheManager
+from kv_manager.manager import blocks_for
+from scheduler.output import ScheduledChunk, SchedulerOutput
+from scheduler.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+class Scheduler:
+    """Owns the waiting and running queues and decides what runs each step.
+
+    Each step: running requests first (decodes and unfinished prefill chunks,
+    oldest first), then waiting requests in arrival order while the token
+    budget, `max_num_seqs` and the block pool allow. When a running request
+    cannot get a block, the newest running request is preempted: its blocks
+    are freed and it is recomputed later from its tokens so far.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue operations ----------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (FCFS). Fails if it could never fit in the pool."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        need = blocks_for(request.max_total_tokens, self.kv.block_size)
+        if need > self.kv.num_total_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks for {request.max_total_tokens} tokens, "
+                f"but the whole pool has {self.kv.num_total_blocks}"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Stop a request wherever it is and free its blocks."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Move a request to a finished state and free its blocks."""
+        if not status.is_finished:
+            raise ValueError(f"{status.name} is not a finished state")
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request_id)
+        request.status = status
+        return request
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks and reserve their KV slots."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        # NOTE: after a preemption, memory is short: admitting new work now
+        # would only preempt it again next step.
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve_or_preempt(request, n, out):
+                break  # the request preempted itself; everything after it is gone
+            budget -= n
+            i += 1
+        return budget
+
+    def _reserve_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        """Reserve `n` slots for a running request, preempting the newest as needed."""
+        while True:
+            slot_start = self.kv.num_slots(request.request_id)
+            if self.kv.allocate_slots(request.request_id, n):
+                out.chunks.append(
+                    ScheduledChunk(request, request.num_computed_tokens, n, slot_start)
+                )
+                return True
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # Popped newest-first, so pushing each to the front keeps arrival order.
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            # Admit only when the whole recompute (prompt, plus outputs after a
+            # preemption) fits in the free blocks, not just this chunk; strictly
+            # FCFS, so a large request at the head is never starved by small ones.
+            if blocks_for(request.num_tokens, self.kv.block_size) > self.kv.num_free_blocks:
+                break
+            n = min(request.num_tokens, budget)
+            if not self.kv.allocate_slots(request.request_id, n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, 0, n, 0))
+            budget -= n
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance each scheduled request; append the tokens sampled for it.
+
+        Returns the requests that received a new token. Stop checks are the
+        engine's; it calls `finish_request` for requests that are done.
+        """
+        updated = []
+        for chunk in out.chunks:
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += chunk.num_tokens
+            token = sampled.get(request.request_id)
+            if token is not None:
+                request.output_token_ids.append(token)
+                updated.append(request)
+        return updated
+
+    def requests_in(self, ids: Iterable[str]) -> list[Request]:
+        return [self.requests[i] for i in ids if i in self.requests]

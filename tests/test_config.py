@@ -1,0 +1,49 @@
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import EngineConfig, parse_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_mirrors_the_dataclass():
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["engine"]
+    assert data == asdict(EngineConfig())
+
+
+def test_from_yaml_applies_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  block_size: 32\n  max_num_seqs: 4\n")
+    config = EngineConfig.from_yaml(path, max_num_seqs=8)
+    assert (config.block_size, config.max_num_seqs) == (32, 8)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  blok_size: 32\n")
+    with pytest.raises(ValueError, match="blok_size"):
+        EngineConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), (77, 77)]
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"dtype": "float8"}, "dtype"),
+        ({"block_size": 0}, "block_size"),
+        ({"kv_cache_bytes": "lots"}, "lots"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_values_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**kwargs)
