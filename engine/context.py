@@ -16,13 +16,24 @@ class PrefillSpan:
 
     token_start: int  # first row of the chunk in the batch's [T, ...] tensors
     num_tokens: int
-    # Physical slots of everything the chunk attends to (cached slots then its
-    # own), in slot order: [slot_start + num_tokens]. None when the chunk is a
-    # whole fresh prompt (slot_start == 0): it attends only to its own K/V,
-    # which are at hand without reading the cache.
-    key_slots: torch.Tensor | None
-    key_positions: torch.Tensor  # [slot_start + num_tokens] original positions
+    # Blocks holding everything the chunk attends to (cached slots, then its
+    # own), [num_blocks]. None when the chunk is a whole fresh prompt: it then
+    # attends only to its own K/V, which are at hand without reading the cache.
+    block_table: torch.Tensor | None
+    num_keys: int  # slots attended to: cached + this chunk's
+    key_positions: torch.Tensor  # [num_keys] original positions
     query_positions: torch.Tensor  # [num_tokens]
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences that add one token each, batched and padded to the longest."""
+
+    rows: torch.Tensor  # [B] rows in the batch
+    block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
+    key_valid: torch.Tensor  # [B, max_blocks * block_size] bool
+    key_positions: torch.Tensor  # [B, max_blocks * block_size]
+    query_positions: torch.Tensor  # [B]
 
 
 @dataclass
@@ -30,9 +41,7 @@ class AttentionContext:
     # [T] physical slot (block * block_size + offset) each new token's K/V goes to
     slot_mapping: torch.Tensor
     prefills: list[PrefillSpan] = field(default_factory=list)
-    # Decodes (one new token each), batched: B rows, padded to L keys.
-    decode_rows: torch.Tensor | None = None  # [B] rows in the batch
-    decode_key_slots: torch.Tensor | None = None  # [B, L] physical slots, 0 in padding
-    decode_key_valid: torch.Tensor | None = None  # [B, L] bool
-    decode_key_positions: torch.Tensor | None = None  # [B, L]
-    decode_query_positions: torch.Tensor | None = None  # [B]
+    decode: DecodeBatch | None = None
+    # Masks and biases built by the first layer that needs them and reused by
+    # the rest: they depend on the step, not the layer.
+    masks: dict = field(default_factory=dict)

@@ -1,5 +1,6 @@
 """The step loop: schedule, run the model, sample, process outputs."""
 
+import logging
 import random
 from typing import Any
 
@@ -22,6 +23,7 @@ from kv_manager import KVCacheManager
 from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 
 PromptType = str | list[int]
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -38,9 +40,9 @@ class LLMEngine:
         self.hf_config = load_config(folder)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(folder)
         self.model = load_model(folder, self.hf_config, self.dtype, self.device)
-        self.max_model_len = self._max_model_len()
         self.eos_token_ids = self._eos_token_ids()
         num_blocks = self._num_kv_blocks()
+        self.max_model_len = self._max_model_len(num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
@@ -54,14 +56,22 @@ class LLMEngine:
 
     # -- setup ---------------------------------------------------------------
 
-    def _max_model_len(self) -> int:
+    def _max_model_len(self, pool_tokens: int) -> int:
         c = self.hf_config
         native = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
         if native is None:  # ALiBi models have no position limit of their own
             native = self.config.max_model_len or 2048
-        if self.config.max_model_len is not None:
-            return min(self.config.max_model_len, native)
-        return native
+        length = min(self.config.max_model_len or native, native)
+        if length > pool_tokens:
+            # NOTE: a sequence longer than the whole pool could never finish;
+            # cap the context rather than accept requests that would hang.
+            logger.warning(
+                "KV pool holds %d tokens, less than the context of %d: capping it",
+                pool_tokens,
+                length,
+            )
+            length = pool_tokens
+        return length
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()

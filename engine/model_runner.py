@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.context import AttentionContext, PrefillSpan
+from engine.context import AttentionContext, DecodeBatch, PrefillSpan
 from engine.models import CausalLM
 from scheduler import ScheduledChunk
 
@@ -52,31 +52,29 @@ class ModelRunner:
         dev = self.device
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[torch.Tensor] = []
+        slot_mapping: list[int] = []
         prefills: list[PrefillSpan] = []
-        decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
-        decode_positions: list[int] = []
+        decodes: list[tuple[int, ScheduledChunk, list[int]]] = []
         sample_rows: list[int] = []
         for chunk in chunks:
             row = len(input_ids)
+            blocks = block_table(chunk.request_id)
             input_ids += chunk.request.token_ids(chunk.start, chunk.end)
             positions += range(chunk.start, chunk.end)
-            slots = self._physical_slots(
-                block_table(chunk.request_id), chunk.slot_start + chunk.num_tokens
+            slot_mapping += self._slots(
+                blocks, chunk.slot_start, chunk.slot_start + chunk.num_tokens
             )
-            slot_mapping.append(slots[chunk.slot_start :])
             if chunk.num_tokens == 1 and chunk.slot_start > 0:
-                decode_rows.append(row)
-                decode_slots.append(slots)
-                decode_positions.append(chunk.start)
+                decodes.append((row, chunk, blocks))
             else:
-                prefills.append(self._prefill_span(chunk, row, slots))
+                prefills.append(self._prefill_span(chunk, row, blocks))
             if chunk.samples:
                 sample_rows.append(row + chunk.num_tokens - 1)
-        ctx = AttentionContext(slot_mapping=torch.cat(slot_mapping), prefills=prefills)
-        if decode_rows:
-            self._add_decodes(ctx, decode_rows, decode_slots, decode_positions)
+        ctx = AttentionContext(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+            prefills=prefills,
+            decode=self._decode_batch(decodes) if decodes else None,
+        )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -84,41 +82,38 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
 
-    def _physical_slots(self, blocks: list[int], num_slots: int) -> torch.Tensor:
-        """Physical slot index of each of the first `num_slots` logical slots."""
+    def _slots(self, blocks: list[int], start: int, end: int) -> list[int]:
+        """Physical slot index of logical slots [start, end)."""
         bs = self.block_size
-        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        offsets = torch.arange(bs, dtype=torch.long, device=self.device)
-        return (table.unsqueeze(1) * bs + offsets).flatten()[:num_slots]
+        return [blocks[s // bs] * bs + s % bs for s in range(start, end)]
 
-    def _prefill_span(self, chunk: ScheduledChunk, row: int, slots: torch.Tensor) -> PrefillSpan:
+    def _prefill_span(self, chunk: ScheduledChunk, row: int, blocks: list[int]) -> PrefillSpan:
         dev = self.device
-        n_keys = chunk.slot_start + chunk.num_tokens
+        num_keys = chunk.slot_start + chunk.num_tokens
+        table = None
+        if chunk.slot_start > 0:
+            used = blocks[: -(-num_keys // self.block_size)]
+            table = torch.tensor(used, dtype=torch.long, device=dev)
         # NOTE: without eviction a slot holds the token at the same position.
         return PrefillSpan(
             token_start=row,
             num_tokens=chunk.num_tokens,
-            key_slots=None if chunk.slot_start == 0 else slots,
-            key_positions=torch.arange(n_keys, device=dev),
+            block_table=table,
+            num_keys=num_keys,
+            key_positions=torch.arange(num_keys, device=dev),
             query_positions=torch.arange(chunk.start, chunk.end, device=dev),
         )
 
-    def _add_decodes(
-        self,
-        ctx: AttentionContext,
-        rows: list[int],
-        slots: list[torch.Tensor],
-        positions: list[int],
-    ) -> None:
+    def _decode_batch(self, decodes: list[tuple[int, ScheduledChunk, list[int]]]) -> DecodeBatch:
         dev = self.device
-        lengths = torch.tensor([len(s) for s in slots], device=dev)
-        width = int(lengths.max())
-        key_slots = torch.zeros(len(slots), width, dtype=torch.long, device=dev)
-        for i, s in enumerate(slots):
-            key_slots[i, : len(s)] = s
-        key_index = torch.arange(width, device=dev)
-        ctx.decode_rows = torch.tensor(rows, dtype=torch.long, device=dev)
-        ctx.decode_key_slots = key_slots
-        ctx.decode_key_valid = key_index.unsqueeze(0) < lengths.unsqueeze(1)
-        ctx.decode_key_positions = key_index.unsqueeze(0).expand(len(slots), width)
-        ctx.decode_query_positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        width = max(len(blocks) for _, _, blocks in decodes)
+        tables = [blocks + [0] * (width - len(blocks)) for _, _, blocks in decodes]
+        num_keys = torch.tensor([c.slot_start + 1 for _, c, _ in decodes], device=dev)
+        key_index = torch.arange(width * self.block_size, device=dev)
+        return DecodeBatch(
+            rows=torch.tensor([row for row, _, _ in decodes], dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            key_valid=key_index.unsqueeze(0) < num_keys.unsqueeze(1),
+            key_positions=key_index.unsqueeze(0).expand(len(decodes), -1),
+            query_positions=torch.tensor([c.start for _, c, _ in decodes], device=dev),
+        )

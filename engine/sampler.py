@@ -38,7 +38,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
     for i, row in enumerate(rows):
         _apply_penalties(logits[i], row)
         if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
-            logits[i, list(row.stop_token_ids)] = float("-inf")
+            # NOTE: stop_token_ids are not checked against the vocabulary; an id
+            # past it can never be sampled, and indexing with it would raise and
+            # fail the whole batch, so mask only the ids that exist.
+            stop_ids = [t for t in row.stop_token_ids if t < logits.shape[-1]]
+            if stop_ids:
+                logits[i, stop_ids] = float("-inf")
     token_ids = [_sample_row(logits[i], row) for i, row in enumerate(rows)]
     return [
         _with_logprobs(t, row, raw_logprobs, i)

@@ -1,0 +1,180 @@
+"""The offline API on the real default model: sampling features, bad input,
+a pool too small for everything at once, aborts; the pool is whole after each."""
+
+import json
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.models import UnsupportedArchitectureError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(kv_cache_bytes="64MiB")
+
+
+@pytest.fixture(autouse=True)
+def _pool_is_whole_after(request):
+    yield
+    if "llm" in request.fixturenames:
+        engine = request.getfixturevalue("llm").engine
+        assert not engine.has_unfinished_requests()
+        assert engine.kv.num_used_blocks == 0
+
+
+def _text(llm, prompt, params):
+    return llm.generate(prompt, params)[0].outputs[0]
+
+
+def test_token_id_prompt_equals_text_prompt(llm):
+    ids = llm.get_tokenizer().encode("The capital of France is")
+    a = _text(llm, "The capital of France is", GREEDY)
+    b = _text(llm, ids, GREEDY)
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=16, seed=1234)
+    alone = _text(llm, "Tell me a story:", params)
+    others = SamplingParams(temperature=1.2, max_tokens=20, seed=7)
+    batch = llm.generate(["Hello", "Tell me a story:", "Numbers: 1, 2,"], [others, params, others])
+    assert batch[1].outputs[0].token_ids == alone.token_ids
+    different = _text(
+        llm, "Tell me a story:", SamplingParams(temperature=1.0, max_tokens=16, seed=99)
+    )
+    assert different.token_ids != alone.token_ids
+
+
+def test_n_completions_have_their_own_streams(llm):
+    out = llm.generate("Name a colour:", SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=5))
+    completions = out[0].outputs
+    assert [c.index for c in completions] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in completions}) > 1
+
+
+def test_stop_string_cuts_text_and_reports_reason(llm):
+    free = _text(llm, "Count: 1, 2, 3,", SamplingParams(temperature=0, max_tokens=20))
+    assert " 5" in free.text
+    out = _text(llm, "Count: 1, 2, 3,", SamplingParams(temperature=0, max_tokens=20, stop=[" 5"]))
+    assert out.finish_reason == "stop" and out.stop_reason == " 5"
+    assert out.text == free.text[: free.text.index(" 5")]
+    kept = _text(
+        llm,
+        "Count: 1, 2, 3,",
+        SamplingParams(temperature=0, max_tokens=20, stop=[" 5"], include_stop_str_in_output=True),
+    )
+    assert kept.text == free.text[: free.text.index(" 5") + 2]
+
+
+def test_stop_token_id_and_eos(llm):
+    free = _text(llm, "Count: 1, 2, 3,", SamplingParams(temperature=0, max_tokens=10))
+    # The first token not seen earlier in the output, past the first.
+    at = next(i for i, t in enumerate(free.token_ids) if i > 0 and t not in free.token_ids[:i])
+    stop_id = free.token_ids[at]
+    out = _text(
+        llm,
+        "Count: 1, 2, 3,",
+        SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id]),
+    )
+    assert out.token_ids == free.token_ids[: at + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
+    tok = llm.get_tokenizer()
+    chat = tok.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    eos = _text(llm, chat, SamplingParams(temperature=0, max_tokens=64))
+    assert eos.finish_reason == "stop" and eos.stop_reason is None
+    assert eos.token_ids[-1] == tok.eos_token_id
+
+
+def test_logprobs_top_n(llm):
+    out = _text(llm, "The sky is", SamplingParams(temperature=0, max_tokens=4, logprobs=3))
+    assert len(out.logprobs) == 4
+    for token_id, step in zip(out.token_ids, out.logprobs, strict=True):
+        assert step[token_id].rank == 1  # greedy picks the most likely token
+        assert len(step) == 3
+        values = sorted((lp.logprob for lp in step.values()), reverse=True)
+        assert values[0] <= 0.0 and all(v is not None for v in values)
+    assert out.cumulative_logprob == pytest.approx(
+        sum(s[t].logprob for t, s in zip(out.token_ids, out.logprobs, strict=True))
+    )
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", GREEDY, "empty"),
+        ([], GREEDY, "empty"),
+        ("word " * 9000, GREEDY, "context"),
+        ("Hi", SamplingParams(temperature=0, max_tokens=2000), "exceeds"),
+        ([1, 2, 10**9], GREEDY, "out of range"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(["Fine prompt", prompt], params)
+    # Nothing of the rejected batch stays queued, and the engine still serves.
+    assert not llm.engine.has_unfinished_requests()
+    assert _text(llm, "The capital of France is", GREEDY).token_ids
+
+
+def test_context_is_capped_to_what_the_pool_holds(llm):
+    # 64 MiB of float32 SmolLM2 KV holds far fewer than its 8192 positions.
+    assert llm.engine.max_model_len == llm.engine.kv.num_total_blocks * 16 < 8192
+
+
+def test_negative_max_tokens_is_rejected():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["FooForCausalLM"]})
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="FooForCausalLM"):
+        LLM(model=str(tmp_path))
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no hub downloads"):
+        LLM(model=str(tmp_path / "nowhere"))
+
+
+def test_small_pool_completes_everything_in_fcfs_order(llm):
+    """A pool that holds about one request: all finish, in arrival order, with
+    the tokens each gives when run alone."""
+    prompts = [f"Fact number {i}: the" for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = [_text(llm, p, params).token_ids for p in prompts]
+    small = LLM(kv_cache_blocks=4, block_size=8)
+    engine = small.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    finish_order, results = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finish_order.append(out.request_id)
+                results[out.request_id] = out.outputs[0].token_ids
+    assert finish_order == [str(i) for i in range(5)]
+    assert [results[str(i)] for i in range(5)] == alone
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.num_used_blocks == 0
+
+
+def test_abort_frees_blocks_at_any_time(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"a{i}", "A long story begins here and", params)
+    engine.step()
+    engine.step()
+    assert engine.kv.num_used_blocks > 0
+    out = engine.abort_request("a1")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert engine.abort_request("a1") is None  # second abort is a no-op
+    engine.abort_request("a0")
+    engine.abort_request("a2")
+    assert engine.kv.num_used_blocks == 0
