@@ -1,9 +1,11 @@
-"""Attention over the paged KV cache: write new K/V by slot, read by block table.
+"""Attention over the paged KV cache: write new K/V by slot, read by block table,
+and, for sequences whose policy needs them, add this step's eviction scores.
 
-NOTE: K is stored after RoPE, and attention is independent per head, so the
-order of tokens in slots does not matter to the math; only the mask (causal,
-sliding window) and ALiBi need each key's original position, which the
-context supplies.
+NOTE: K is stored after RoPE and attention is independent per head, so the
+order and identity of tokens in a head's slots do not matter to the math; only
+ALiBi, sliding windows and Keyformer's noise need each key's original
+position, which the cache keeps per (layer, head, slot). Causality is by slot:
+every cached slot precedes the new tokens, which are appended in order.
 """
 
 import math
@@ -12,7 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.context import AttentionContext, PrefillSpan
+from engine.context import AttentionContext, DecodeBatch, PrefillSpan, ScoreSpec
+from kv_manager.scoring import gumbel_noise, step_scores
+
+# Prompt queries scored at once: bounds the [heads, queries, keys] logits.
+SCORE_QUERY_CHUNK = 128
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -43,41 +49,111 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
         slopes = alibi_slopes(num_heads) if alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
-        # Bound by the model runner once memory is sized: [num_blocks, block_size, Hkv, D]
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.layer_idx = 0
+        self.k_cache = self.v_cache = self.score_cache = self.pos_cache = torch.empty(0)
+
+    def bind_cache(
+        self,
+        layer_idx: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        score_cache: torch.Tensor,
+        pos_cache: torch.Tensor,
+    ) -> None:
+        """Attach this layer's views of the paged cache: [num_blocks, block_size, Hkv(, D)]."""
+        self.layer_idx = layer_idx
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.score_cache, self.pos_cache = score_cache, pos_cache
+
+    @property
+    def _needs_key_positions(self) -> bool:
+        return self.alibi_slopes is not None or self.sliding_window is not None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         # q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq * D]
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
+        self._write(k, v, ctx)
         out = torch.empty_like(q)
         for i, span in enumerate(ctx.prefills):
             rows = slice(span.token_start, span.token_start + span.num_tokens)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], span, ctx, i)
         if ctx.decode is not None:
-            d = ctx.decode
-            keys, values = self._read(d.block_tables)
-            mask = self._mask(
-                ctx, "decode", d.query_positions.unsqueeze(1), d.key_positions, d.key_valid, q.dtype
-            )
-            out[d.rows] = self._sdpa(q[d.rows].unsqueeze(1), keys, values, mask).squeeze(1)
+            out[ctx.decode.rows] = self._decode(q[ctx.decode.rows], ctx)
         return out.flatten(1)
 
-    def _read(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, nb] block ids -> K, V [B, nb * block_size, Hkv, D].
+    def _write(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> None:
+        H, D = self.num_kv_heads, self.head_dim
+        slots = ctx.slot_mapping
+        self.k_cache.view(-1, H, D)[slots] = k
+        self.v_cache.view(-1, H, D)[slots] = v
+        self.pos_cache.view(-1, H)[slots] = ctx.positions.to(torch.int32).unsqueeze(1)
+        # A slot may be reused from a freed block: its score starts afresh.
+        self.score_cache.view(-1, H)[slots] = 0.0
 
-        Gathers whole blocks (contiguous runs) rather than single slots."""
-        keys = self.k_cache[block_tables].flatten(1, 2)
-        values = self.v_cache[block_tables].flatten(1, 2)
-        return keys, values
+    def _read(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nb] block ids -> K, V [B, nb * block_size, Hkv, D], by whole blocks."""
+        return (
+            self.k_cache[block_tables].flatten(1, 2),
+            self.v_cache[block_tables].flatten(1, 2),
+        )
+
+    def _read_positions(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """[B, nb] block ids -> key positions [B, nb * block_size, Hkv]."""
+        return self.pos_cache[block_tables].flatten(1, 2).long()
+
+    # -- decode --------------------------------------------------------------
+
+    def _decode(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        # q: [B, Hq, D] -> [B, Hq, D]
+        d = ctx.decode
+        keys, values = self._read(d.block_tables)
+        k_pos = None
+        if self._needs_key_positions or d.scoring is not None:
+            k_pos = self._read_positions(d.block_tables)
+        valid = d.key_valid.view(d.key_valid.shape[0], 1, 1, -1)  # [B, 1, 1, L]
+        q_pos = d.query_positions.view(-1, 1)  # [B, 1]
+        mask = self._positional_mask(valid, q_pos, k_pos, q.dtype)
+        out = self._sdpa(q.unsqueeze(1), keys, values, mask).squeeze(1)
+        if d.scoring is not None:
+            self._score_decode(q, keys, k_pos, d)
+        return out
+
+    def _score_decode(
+        self, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, d: DecodeBatch
+    ) -> None:
+        s = d.scoring
+        b, L = s.rows.shape[0], keys.shape[1]
+        H, G = self.num_kv_heads, self.group
+        qs = q[s.rows].float().view(b, H, G, -1)  # [b, Hkv, G, D]
+        logits = torch.einsum("bhgd,blhd->bhgl", qs, keys[s.rows].float()) * self.scale
+        k_pos = k_pos[s.rows].transpose(1, 2).unsqueeze(2)  # [b, Hkv, 1, L]
+        q_pos = d.query_positions[s.rows].view(b, 1, 1, 1)
+        if self.alibi_slopes is not None:
+            logits = logits + self.alibi_slopes.view(1, H, G, 1) * (k_pos - q_pos)
+        allowed = d.key_valid[s.rows].view(b, 1, 1, L)
+        if self.sliding_window is not None:
+            allowed = allowed & (k_pos > q_pos - self.sliding_window)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        head = torch.arange(H * G, device=q.device).view(1, H, G, 1)
+        noise = gumbel_noise(s.seed.view(b, 1, 1, 1), self.layer_idx, head, q_pos, k_pos)
+        noise = noise * s.gumbel.view(b, 1, 1, 1)
+        step = (q_pos - s.prompt_len.view(b, 1, 1, 1) + 1).clamp(min=0)
+        tau = s.tau_init.view(b, 1, 1, 1) + step * s.tau_slope.view(b, 1, 1, 1)
+        contrib = step_scores(logits, tau, noise).sum(2)  # [b, Hkv, L]
+        self.score_cache.view(-1, H).index_put_(
+            (d.key_slots[s.rows].flatten(),),
+            contrib.transpose(1, 2).reshape(-1, H),
+            accumulate=True,
+        )
+
+    # -- prefill -------------------------------------------------------------
 
     def _prefill(
         self,
@@ -89,60 +165,102 @@ class PagedAttention(nn.Module):
         index: int,
     ) -> torch.Tensor:
         # q: [n, Hq, D]; k, v: [n, Hkv, D] (this chunk's own) -> [n, Hq, D]
-        if span.block_table is None and self.alibi_slopes is None and self.sliding_window is None:
-            return self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None).squeeze(0)
         if span.block_table is not None:
             keys, values = self._read(span.block_table.unsqueeze(0))
             k, v = keys[0, : span.num_keys], values[0, : span.num_keys]
-        mask = self._mask(
-            ctx,
-            ("prefill", index),
-            span.query_positions.unsqueeze(0),
-            span.key_positions.unsqueeze(0),
-            None,
-            q.dtype,
-        )
-        return self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask).squeeze(0)
+        k_pos = None
+        if self._needs_key_positions or span.score is not None:
+            k_pos = self._span_key_positions(span)
+        if span.block_table is None and not self._needs_key_positions:
+            out = self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None).squeeze(0)
+        else:
+            causal = self._causal(ctx, index, span)  # [1, 1, n, S]
+            q_pos = span.query_positions.view(1, -1)
+            mask = self._positional_mask(causal, q_pos, k_pos, q.dtype)
+            out = self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask).squeeze(0)
+        if span.score is not None:
+            self._score_prefill(q, k, k_pos, span)
+        return out
 
-    def _mask(
-        self,
-        ctx: AttentionContext,
-        group: object,
-        q_pos: torch.Tensor,
-        k_pos: torch.Tensor,
-        k_valid: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Boolean mask, or additive ALiBi bias, [B, 1 or Hq, Lq, Lk]; built once a step."""
-        key = (group, self.sliding_window, self.alibi_slopes is not None)
+    def _span_key_positions(self, span: PrefillSpan) -> torch.Tensor:
+        """[1, S, Hkv] positions of all keys a prefill chunk attends to."""
+        own = span.query_positions.view(1, -1, 1).expand(1, -1, self.num_kv_heads)
+        if span.block_table is None:
+            return own
+        cached = self._read_positions(span.block_table.unsqueeze(0))[:, : span.slot_start]
+        return torch.cat([cached, own], dim=1)
+
+    def _causal(self, ctx: AttentionContext, index: int, span: PrefillSpan) -> torch.Tensor:
+        key = ("prefill", index)
         mask = ctx.masks.get(key)
         if mask is None:
-            mask = self._build_mask(q_pos, k_pos, k_valid, dtype)
+            dev = span.query_positions.device
+            q_slot = torch.arange(span.num_tokens, device=dev) + span.slot_start
+            k_slot = torch.arange(span.num_keys, device=dev)
+            mask = (k_slot.view(1, -1) <= q_slot.view(-1, 1)).view(1, 1, span.num_tokens, -1)
             ctx.masks[key] = mask
         return mask
 
-    def _build_mask(
+    def _score_prefill(
+        self, q: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, span: PrefillSpan
+    ) -> None:
+        """Accumulate prompt scores over query chunks, so memory stays bounded."""
+        spec: ScoreSpec = span.score
+        H, G, S = self.num_kv_heads, self.group, span.num_keys
+        keys = k.float().permute(1, 2, 0)  # [Hkv, D, S]
+        kp = k_pos[0].transpose(0, 1).view(H, 1, 1, S)  # [Hkv, 1, 1, S]
+        head = torch.arange(H * G, device=q.device).view(H, G, 1, 1)
+        seed = torch.tensor(spec.seed, dtype=torch.int64, device=q.device)
+        k_slot = torch.arange(S, device=q.device)
+        total = torch.zeros(H, S, dtype=torch.float32, device=q.device)
+        for start in range(0, span.num_tokens, SCORE_QUERY_CHUNK):
+            qc = q[start : start + SCORE_QUERY_CHUNK].float()  # [c, Hq, D]
+            c = qc.shape[0]
+            qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
+            logits = torch.matmul(qs, keys.unsqueeze(1)) * self.scale  # [Hkv, G, c, S]
+            q_pos = span.query_positions[start : start + c].view(1, 1, c, 1)
+            if self.alibi_slopes is not None:
+                logits = logits + self.alibi_slopes.view(H, G, 1, 1) * (kp - q_pos)
+            q_slot = torch.arange(start, start + c, device=q.device) + span.slot_start
+            allowed = (k_slot.view(1, -1) <= q_slot.view(-1, 1)).view(1, 1, c, S)
+            if self.sliding_window is not None:
+                allowed = allowed & (kp > q_pos - self.sliding_window)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            noise = gumbel_noise(seed, self.layer_idx, head, q_pos, kp) if spec.gumbel else None
+            step = (q_pos - spec.prompt_len + 1).clamp(min=0)
+            tau = spec.tau_init + step * spec.tau_slope
+            total += step_scores(logits, tau, noise).sum(dim=(1, 2))
+        self.score_cache.view(-1, H).index_put_(
+            (span.key_slots,), total.transpose(0, 1), accumulate=True
+        )
+
+    # -- shared --------------------------------------------------------------
+
+    def _positional_mask(
         self,
+        allowed: torch.Tensor,
         q_pos: torch.Tensor,
-        k_pos: torch.Tensor,
-        k_valid: torch.Tensor | None,
+        k_pos: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        # q_pos: [B, Lq]; k_pos, k_valid: [B, Lk]
-        allowed = k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)  # [B, Lq, Lk]
+        """Add the sliding window and ALiBi, which need per-head key positions.
+
+        allowed: bool [B, 1, Lq, Lk]; q_pos: [B, Lq]; k_pos: [B, Lk, Hkv].
+        Returns a bool mask or an additive float bias, [B, 1 or Hq, Lq, Lk].
+        """
+        if not self._needs_key_positions:
+            return allowed
+        kp = k_pos.permute(0, 2, 1).repeat_interleave(self.group, dim=1).unsqueeze(2)
+        distance = kp - q_pos.unsqueeze(1).unsqueeze(3)  # [B, Hq, Lq, Lk]
         if self.sliding_window is not None:
-            allowed &= k_pos.unsqueeze(1) > q_pos.unsqueeze(2) - self.sliding_window
-        if k_valid is not None:
-            allowed &= k_valid.unsqueeze(1)
-        mask = allowed.unsqueeze(1)  # [B, 1, Lq, Lk]
+            allowed = allowed & (distance > -self.sliding_window)
         if self.alibi_slopes is None:
-            return mask
+            return allowed
         # slope * (key - query position): softmax ignores a per-row shift, so
         # this equals HF BLOOM's slope * key position, but stays small near
         # the diagonal; absolute biases in bf16 round by up to 2 at position 1000.
-        distance = (k_pos.unsqueeze(1) - q_pos.unsqueeze(2)).unsqueeze(1)  # [B, 1, Lq, Lk]
-        bias = self.alibi_slopes.view(1, -1, 1, 1) * distance  # [B, Hq, Lq, Lk] float32
-        return bias.to(dtype).masked_fill(~mask, float("-inf"))
+        bias = self.alibi_slopes.view(1, -1, 1, 1) * distance  # float32
+        return bias.to(dtype).masked_fill(~allowed, float("-inf"))
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

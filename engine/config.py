@@ -8,6 +8,10 @@ from typing import Any
 import torch
 import yaml
 
+from kv_manager.policies import KVPolicySettings
+
+KV_POLICY_FIELDS = tuple(f.name for f in fields(KVPolicySettings))
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -54,6 +58,15 @@ class EngineConfig:
     # carry token ids only.
     skip_tokenizer_init: bool = False
     seed: int = 0
+    # Default KV policy of requests that do not set their own (keyformer.md).
+    kv_policy: str = "full"
+    kv_ratio: float = 0.5
+    kv_max_tokens: int | None = None
+    kv_min_tokens: int = 128
+    recent_ratio: float = 0.3
+    sink_tokens: int = 4
+    tau_init: float = 1.0
+    tau_end: float = 2.0
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -68,6 +81,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        self.kv_policy_settings()  # validates the KV defaults
+
+    def kv_policy_settings(self) -> KVPolicySettings:
+        """The default KV policy settings (requests may override each field)."""
+        return KVPolicySettings(**{f: getattr(self, f) for f in KV_POLICY_FIELDS})
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":

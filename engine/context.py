@@ -11,18 +11,51 @@ import torch
 
 
 @dataclass
+class ScoreSpec:
+    """How a sequence's per-slot eviction scores are computed (h2o, keyformer).
+
+    The temperature of a query at position p is
+    tau_init + max(0, p - prompt_len + 1) * tau_slope (keyformer.md).
+    """
+
+    seed: int
+    gumbel: bool  # Keyformer's noise; False for H2O
+    prompt_len: int
+    tau_init: float
+    tau_slope: float
+
+
+@dataclass
 class PrefillSpan:
     """One prefill chunk inside the flattened batch."""
 
     token_start: int  # first row of the chunk in the batch's [T, ...] tensors
     num_tokens: int
+    slot_start: int  # slots cached before this chunk
     # Blocks holding everything the chunk attends to (cached slots, then its
     # own), [num_blocks]. None when the chunk is a whole fresh prompt: it then
     # attends only to its own K/V, which are at hand without reading the cache.
     block_table: torch.Tensor | None
-    num_keys: int  # slots attended to: cached + this chunk's
-    key_positions: torch.Tensor  # [num_keys] original positions
     query_positions: torch.Tensor  # [num_tokens]
+    # Physical slots of all keys [slot_start + num_tokens]; set when scoring.
+    key_slots: torch.Tensor | None = None
+    score: ScoreSpec | None = None
+
+    @property
+    def num_keys(self) -> int:
+        return self.slot_start + self.num_tokens
+
+
+@dataclass
+class DecodeScoring:
+    """Per-row score settings for the decode rows that need scores."""
+
+    rows: torch.Tensor  # [b] indices into the decode batch
+    seed: torch.Tensor  # [b] int64
+    gumbel: torch.Tensor  # [b] bool
+    prompt_len: torch.Tensor  # [b]
+    tau_init: torch.Tensor  # [b] float32
+    tau_slope: torch.Tensor  # [b] float32
 
 
 @dataclass
@@ -32,16 +65,18 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] rows in the batch
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     key_valid: torch.Tensor  # [B, max_blocks * block_size] bool
-    key_positions: torch.Tensor  # [B, max_blocks * block_size]
     query_positions: torch.Tensor  # [B]
+    # Physical slot of each key [B, max_blocks * block_size]; set when scoring.
+    key_slots: torch.Tensor | None = None
+    scoring: DecodeScoring | None = None
 
 
 @dataclass
 class AttentionContext:
     # [T] physical slot (block * block_size + offset) each new token's K/V goes to
     slot_mapping: torch.Tensor
+    positions: torch.Tensor  # [T] each new token's position
     prefills: list[PrefillSpan] = field(default_factory=list)
     decode: DecodeBatch | None = None
-    # Masks and biases built by the first layer that needs them and reused by
-    # the rest: they depend on the step, not the layer.
+    # Position-free masks, built by the first layer and reused by the rest.
     masks: dict = field(default_factory=dict)

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, parse_bytes
+from engine.eviction import Evictor, SequencePolicy
+from engine.kv_cache import PagedKVCache
 from engine.loader import load_config, load_model, resolve_model_path
-from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.model_runner import ModelRunner
 from engine.output_processor import (
     RequestState,
     make_output,
@@ -20,6 +22,7 @@ from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 from kv_manager import KVCacheManager
+from kv_manager.policies import make_policy
 from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 
 PromptType = str | list[int]
@@ -50,6 +53,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.dtype, self.device
         )
+        self.evictor = Evictor(self.runner.cache, self.kv)
+        self.default_kv_settings = config.kv_policy_settings()
         self.vocab_size = self.model.compute_logits(
             torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         ).shape[-1]
@@ -88,7 +93,7 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         if self.config.kv_cache_blocks is not None:
             return self.config.kv_cache_blocks
-        per_block = kv_bytes_per_block(self.model, self.config.block_size, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(self.model, self.config.block_size, self.dtype)
         blocks = parse_bytes(self.config.kv_cache_bytes) // per_block
         if blocks < 1:
             raise ValueError(
@@ -107,19 +112,26 @@ class LLMEngine:
         params = params or SamplingParams()
         prompt_text, prompt_ids = self._tokenize(prompt)
         max_tokens = self._check_lengths(prompt_ids, params)
-        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids out of range [0, {self.vocab_size}): {bad_stops[:5]}")
+        kv_settings = self.default_kv_settings.with_overrides(**params.kv_overrides())
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
+        budget = kv_settings.budget(len(prompt_ids))
         state = RequestState(
             prompt_text,
             params,
             generator,
             stop_ids,
             make_tokenizer_state(self.tokenizer, prompt_ids, params),
+            SequencePolicy(kv_settings, make_policy(kv_settings), budget, seed),
         )
-        self.scheduler.add_request(Request(request_id, prompt_ids, max_tokens, payload=state))
+        request = Request(request_id, prompt_ids, max_tokens, payload=state, slot_budget=budget)
+        self.scheduler.add_request(request)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -167,7 +179,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        logits = self.runner.execute(sched.chunks, self.kv.block_table)
+        specs = {}
+        for chunk in sched.chunks:
+            spec = chunk.request.payload.kv.score_spec(chunk.request)
+            if spec is not None:
+                specs[chunk.request_id] = spec
+        logits = self.runner.execute(sched.chunks, self.kv.block_table, specs)
         sampling = [c.request for c in sched.chunks if c.samples]
         rows = [r.payload.sampling_row(r) for r in sampling]
         tokens = sample(logits, rows)
@@ -181,6 +198,9 @@ class LLMEngine:
             if status.is_finished:
                 self.scheduler.finish_request(request.request_id, status)
             outputs.append(make_output(request, request.payload))
+        # Evict after the stop checks: a finished request frees everything anyway.
+        for chunk in sched.chunks:
+            self.evictor.maybe_evict(chunk.request, chunk.request.payload.kv)
         return outputs
 
     def stats(self) -> dict[str, Any]:
@@ -190,6 +210,8 @@ class LLMEngine:
             "kv_blocks_used": self.kv.num_used_blocks,
             "kv_blocks_total": self.kv.num_total_blocks,
             "preemptions": self.scheduler.num_preemptions,
+            "tokens_evicted": self.evictor.stats.tokens_evicted,
+            "blocks_freed_by_eviction": self.evictor.stats.blocks_freed,
         }
 
 

@@ -4,16 +4,12 @@ from collections.abc import Callable
 
 import torch
 
-from engine.context import AttentionContext, DecodeBatch, PrefillSpan
+from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
+from engine.kv_cache import PagedKVCache
 from engine.models import CausalLM
 from scheduler import ScheduledChunk
 
-
-def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, K and V."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    per_token = sum(2 * a.num_kv_heads * a.head_dim for a in model.attention_layers())
-    return per_token * block_size * elem
+BlockTableFn = Callable[[str], list[int]]
 
 
 class ModelRunner:
@@ -30,25 +26,28 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        for attn in model.attention_layers():
-            # [num_blocks, block_size, Hkv, D] per layer, K and V
-            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache = PagedKVCache(model, num_blocks, block_size, dtype, device)
 
     @torch.inference_mode()
     def execute(
-        self, chunks: list[ScheduledChunk], block_table: Callable[[str], list[int]]
+        self,
+        chunks: list[ScheduledChunk],
+        block_table: BlockTableFn,
+        score_specs: dict[str, ScoreSpec] | None = None,
     ) -> torch.Tensor:
         """Run the chunks; returns float32 logits [N, vocab] for the chunks that
-        sample, in their order in `chunks`."""
-        input_ids, positions, ctx, sample_rows = self._prepare(chunks, block_table)
-        hidden = self.model(input_ids, positions, ctx)
+        sample, in their order in `chunks`. Requests in `score_specs` also add
+        this step's eviction scores to their slots."""
+        input_ids, ctx, sample_rows = self._prepare(chunks, block_table, score_specs or {})
+        hidden = self.model(input_ids, ctx.positions, ctx)
         return self.model.compute_logits(hidden[sample_rows])
 
     def _prepare(
-        self, chunks: list[ScheduledChunk], block_table: Callable[[str], list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
+        self,
+        chunks: list[ScheduledChunk],
+        block_table: BlockTableFn,
+        score_specs: dict[str, ScoreSpec],
+    ) -> tuple[torch.Tensor, AttentionContext, torch.Tensor]:
         dev = self.device
         input_ids: list[int] = []
         positions: list[int] = []
@@ -61,59 +60,84 @@ class ModelRunner:
             blocks = block_table(chunk.request_id)
             input_ids += chunk.request.token_ids(chunk.start, chunk.end)
             positions += range(chunk.start, chunk.end)
-            slot_mapping += self._slots(
-                blocks, chunk.slot_start, chunk.slot_start + chunk.num_tokens
-            )
+            end_slot = chunk.slot_start + chunk.num_tokens
+            slot_mapping += self._slots(blocks, chunk.slot_start, end_slot)
             if chunk.num_tokens == 1 and chunk.slot_start > 0:
                 decodes.append((row, chunk, blocks))
             else:
-                prefills.append(self._prefill_span(chunk, row, blocks))
+                spec = score_specs.get(chunk.request_id)
+                prefills.append(self._prefill_span(chunk, row, blocks, spec))
             if chunk.samples:
                 sample_rows.append(row + chunk.num_tokens - 1)
         ctx = AttentionContext(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
             prefills=prefills,
-            decode=self._decode_batch(decodes) if decodes else None,
+            decode=self._decode_batch(decodes, score_specs) if decodes else None,
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            ctx,
-            torch.tensor(sample_rows, dtype=torch.long, device=dev),
-        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        return ids, ctx, torch.tensor(sample_rows, dtype=torch.long, device=dev)
 
     def _slots(self, blocks: list[int], start: int, end: int) -> list[int]:
         """Physical slot index of logical slots [start, end)."""
         bs = self.block_size
         return [blocks[s // bs] * bs + s % bs for s in range(start, end)]
 
-    def _prefill_span(self, chunk: ScheduledChunk, row: int, blocks: list[int]) -> PrefillSpan:
+    def _prefill_span(
+        self, chunk: ScheduledChunk, row: int, blocks: list[int], spec: ScoreSpec | None
+    ) -> PrefillSpan:
         dev = self.device
         num_keys = chunk.slot_start + chunk.num_tokens
+        used = blocks[: -(-num_keys // self.block_size)]
         table = None
         if chunk.slot_start > 0:
-            used = blocks[: -(-num_keys // self.block_size)]
             table = torch.tensor(used, dtype=torch.long, device=dev)
-        # NOTE: without eviction a slot holds the token at the same position.
         return PrefillSpan(
             token_start=row,
             num_tokens=chunk.num_tokens,
+            slot_start=chunk.slot_start,
             block_table=table,
-            num_keys=num_keys,
-            key_positions=torch.arange(num_keys, device=dev),
             query_positions=torch.arange(chunk.start, chunk.end, device=dev),
+            key_slots=self.cache.physical_slots(used, num_keys) if spec else None,
+            score=spec,
         )
 
-    def _decode_batch(self, decodes: list[tuple[int, ScheduledChunk, list[int]]]) -> DecodeBatch:
+    def _decode_batch(
+        self,
+        decodes: list[tuple[int, ScheduledChunk, list[int]]],
+        score_specs: dict[str, ScoreSpec],
+    ) -> DecodeBatch:
         dev = self.device
         width = max(len(blocks) for _, _, blocks in decodes)
         tables = [blocks + [0] * (width - len(blocks)) for _, _, blocks in decodes]
         num_keys = torch.tensor([c.slot_start + 1 for _, c, _ in decodes], device=dev)
         key_index = torch.arange(width * self.block_size, device=dev)
-        return DecodeBatch(
+        batch = DecodeBatch(
             rows=torch.tensor([row for row, _, _ in decodes], dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             key_valid=key_index.unsqueeze(0) < num_keys.unsqueeze(1),
-            key_positions=key_index.unsqueeze(0).expand(len(decodes), -1),
             query_positions=torch.tensor([c.start for _, c, _ in decodes], device=dev),
+        )
+        specs = [(i, score_specs.get(c.request_id)) for i, (_, c, _) in enumerate(decodes)]
+        specs = [(i, s) for i, s in specs if s is not None]
+        if specs:
+            bt = batch.block_tables
+            offsets = torch.arange(self.block_size, device=dev)
+            batch.key_slots = (bt.unsqueeze(2) * self.block_size + offsets).flatten(1)
+            batch.scoring = self._decode_scoring(specs)
+        return batch
+
+    def _decode_scoring(self, specs: list[tuple[int, ScoreSpec]]) -> DecodeScoring:
+        dev = self.device
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        return DecodeScoring(
+            rows=column([i for i, _ in specs], torch.long),
+            seed=column([s.seed for _, s in specs], torch.int64),
+            gumbel=column([s.gumbel for _, s in specs], torch.bool),
+            prompt_len=column([s.prompt_len for _, s in specs], torch.long),
+            tau_init=column([s.tau_init for _, s in specs], torch.float32),
+            tau_slope=column([s.tau_slope for _, s in specs], torch.float32),
         )

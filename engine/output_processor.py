@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.eviction import SequencePolicy
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampler import SampledToken, SamplingRow
 from engine.sampling_params import SamplingParams
@@ -21,6 +22,7 @@ class RequestState:
     generator: torch.Generator
     stop_token_ids: frozenset[int]  # eos (unless ignore_eos) + stop_token_ids
     detokenizer: IncrementalDetokenizer | None
+    kv: SequencePolicy
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
@@ -58,7 +60,9 @@ def process_token(request: Request, state: RequestState, sampled: SampledToken) 
     if state.detokenizer is not None:
         delta = state.detokenizer.add_token(token)
         state.text += delta
-        if delta and state.params.stop and _check_stop_strings(state, len(delta)):
+        # Like vLLM, stop strings only count once min_tokens are out.
+        past_min = len(request.output_token_ids) > state.params.min_tokens
+        if delta and state.params.stop and past_min and _check_stop_strings(state, len(delta)):
             return RequestStatus.FINISHED_STOPPED
     if len(request.output_token_ids) >= request.max_tokens:
         return RequestStatus.FINISHED_LENGTH

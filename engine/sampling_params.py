@@ -26,6 +26,30 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N alternatives per generated token
     skip_special_tokens: bool = True
+    # Per-request KV policy; None takes the engine's default (see
+    # kv_manager.policies.KVPolicySettings for meanings and ranges).
+    kv_policy: str | None = None
+    kv_ratio: float | None = None
+    kv_max_tokens: int | None = None
+    kv_min_tokens: int | None = None
+    recent_ratio: float | None = None
+    sink_tokens: int | None = None
+    tau_init: float | None = None
+    tau_end: float | None = None
+
+    def kv_overrides(self) -> dict:
+        """The KV policy fields this request sets."""
+        names = (
+            "kv_policy",
+            "kv_ratio",
+            "kv_max_tokens",
+            "kv_min_tokens",
+            "recent_ratio",
+            "sink_tokens",
+            "tau_init",
+            "tau_end",
+        )
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

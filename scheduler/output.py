@@ -23,10 +23,12 @@ class ScheduledChunk:
     def end(self) -> int:
         return self.start + self.num_tokens
 
-    @property
-    def samples(self) -> bool:
-        """True when the chunk reaches the sequence's end, so a token is sampled."""
-        return self.end == self.request.num_tokens
+    # True when the chunk reaches the sequence's end, so a token is sampled.
+    # Fixed when the chunk is made: the request grows once the token is in.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.request.num_tokens
 
     @property
     def request_id(self) -> str:

@@ -50,6 +50,7 @@ class Request:
         max_tokens: int,
         payload: Any = None,
         arrival_time: float | None = None,
+        slot_budget: int | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -57,6 +58,8 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.max_tokens = max_tokens
+        # Slots the sequence is cut back to by eviction; None: it never evicts.
+        self.slot_budget = slot_budget
         # Engine-side data (sampling params, detokenizer): opaque here.
         self.payload = payload
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -77,6 +80,18 @@ class Request:
     def max_total_tokens(self) -> int:
         """The longest this sequence can grow: prompt plus max_tokens."""
         return len(self.prompt_token_ids) + self.max_tokens
+
+    @property
+    def peak_slots(self) -> int:
+        """The most slots the sequence ever holds at once.
+
+        Without eviction that is prompt plus max_tokens; with it, the whole
+        prompt (scored before the first cut) or the budget plus the one new
+        token each step adds before it is cut again.
+        """
+        if self.slot_budget is None:
+            return self.max_total_tokens
+        return max(self.num_prompt_tokens, self.slot_budget + 1)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""

@@ -1,7 +1,6 @@
 """Continuous batching under a token budget, with chunked prefill and preemption."""
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kv_manager import KVCacheManager
@@ -48,10 +47,12 @@ class Scheduler:
         """Queue a new request (FCFS). Fails if it could never fit in the pool."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        need = blocks_for(request.max_total_tokens, self.kv.block_size)
+        # NOTE: counted at its post-eviction size: a request whose compressed
+        # size fits is never refused for its uncompressed size.
+        need = blocks_for(request.peak_slots, self.kv.block_size)
         if need > self.kv.num_total_blocks:
             raise ValueError(
-                f"request needs {need} KV blocks for {request.max_total_tokens} tokens, "
+                f"request needs {need} KV blocks for {request.peak_slots} tokens, "
                 f"but the whole pool has {self.kv.num_total_blocks}"
             )
         request.status = RequestStatus.WAITING
@@ -139,10 +140,11 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            # Admit only when the whole recompute (prompt, plus outputs after a
-            # preemption) fits in the free blocks, not just this chunk; strictly
-            # FCFS, so a large request at the head is never starved by small ones.
-            if blocks_for(request.num_tokens, self.kv.block_size) > self.kv.num_free_blocks:
+            # Admit only when the whole prefill fits in the free blocks, not just
+            # this chunk; strictly FCFS, so a large request at the head is never
+            # starved by small ones.
+            need = blocks_for(self._prefill_slots(request), self.kv.block_size)
+            if need > self.kv.num_free_blocks:
                 break
             n = min(request.num_tokens, budget)
             if not self.kv.allocate_slots(request.request_id, n):
@@ -152,6 +154,14 @@ class Scheduler:
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, 0, n, 0))
             budget -= n
+
+    def _prefill_slots(self, request: Request) -> int:
+        """Slots a (re)prefill needs at its peak."""
+        if request.slot_budget is None or request.num_preemptions == 0:
+            return request.num_tokens
+        # A recompute of an evicting sequence is cut back after every chunk.
+        chunk = self.config.max_num_batched_tokens
+        return min(request.num_tokens, request.slot_budget + chunk)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance each scheduled request; append the tokens sampled for it.
@@ -170,6 +180,3 @@ class Scheduler:
                 request.output_token_ids.append(token)
                 updated.append(request)
         return updated
-
-    def requests_in(self, ids: Iterable[str]) -> list[Request]:
-        return [self.requests[i] for i in ids if i in self.requests]

@@ -178,3 +178,33 @@ def test_abort_frees_blocks_at_any_time(llm):
     engine.abort_request("a0")
     engine.abort_request("a2")
     assert engine.kv.num_used_blocks == 0
+
+
+def test_stop_strings_wait_for_min_tokens(llm):
+    free = _text(llm, "Count: 1, 2, 3,", SamplingParams(temperature=0, max_tokens=20))
+    first = free.text.index(",")
+    out = _text(
+        llm,
+        "Count: 1, 2, 3,",
+        SamplingParams(temperature=0, max_tokens=20, stop=[","], min_tokens=6),
+    )
+    assert out.finish_reason == "stop"
+    assert len(out.text) > first  # the early comma did not stop it
+    assert len(out.token_ids) > 6
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (SamplingParams(stop_token_ids=[10**7]), "stop_token_ids"),
+        (SamplingParams(kv_policy="lru"), "kv_policy"),
+        (SamplingParams(kv_policy="keyformer", kv_ratio=1.5), "kv_ratio"),
+        (SamplingParams(kv_policy="h2o", recent_ratio=-0.1), "recent_ratio"),
+        (SamplingParams(kv_policy="keyformer", tau_init=0.0), "tau_init"),
+        (SamplingParams(kv_policy="keyformer", kv_max_tokens=0), "kv_max_tokens"),
+        (SamplingParams(kv_policy="streaming", sink_tokens=-1), "sink_tokens"),
+    ],
+)
+def test_bad_request_settings_are_named(llm, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("Hello", params)

@@ -120,15 +120,17 @@ FAMILIES: dict[str, Callable[[], Any]] = {
 }
 
 
-def build_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random float32 model of `family` to `folder`; returns `folder`."""
+def build_tiny_model(family: str, folder: Path, seed: int = 0, config: Any = None) -> Path:
+    """Save a tiny random float32 model of `family` (or of `config`, whose
+    context length is then kept) to `folder`; returns `folder`."""
     from transformers import AutoModelForCausalLM
 
-    config = FAMILIES[family]()
+    if config is None:
+        config = FAMILIES[family]()
+        if hasattr(config, "max_position_embeddings"):
+            config.max_position_embeddings = MAX_POSITIONS
     config.vocab_size = VOCAB
     config.initializer_range = INIT_STD
-    if hasattr(config, "max_position_embeddings"):
-        config.max_position_embeddings = MAX_POSITIONS
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, attn_implementation="eager"

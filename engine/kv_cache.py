@@ -1,0 +1,90 @@
+"""The paged KV cache tensors, and the slot moves eviction needs.
+
+Per layer and slot the cache holds K and V, plus the token's original
+position (int32) and its accumulated eviction score (float32); all four move
+together when eviction compacts a sequence.
+"""
+
+import torch
+
+from engine.models import CausalLM
+
+
+class PagedKVCache:
+    """All layers in one tensor each: [L, num_blocks, block_size, Hkv, (D)]."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        layers = model.attention_layers()
+        heads = {(a.num_kv_heads, a.head_dim) for a in layers}
+        if len(heads) != 1:
+            raise ValueError(f"layers differ in KV shape {sorted(heads)}; not supported")
+        ((num_kv_heads, head_dim),) = heads
+        self.block_size = block_size
+        shape = (len(layers), num_blocks, block_size, num_kv_heads)
+        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.positions = torch.zeros(shape, dtype=torch.int32, device=device)
+        for i, attn in enumerate(layers):
+            attn.bind_cache(i, self.k[i], self.v[i], self.scores[i], self.positions[i])
+
+    @staticmethod
+    def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes across all layers: K, V, score and position."""
+        elem = torch.empty(0, dtype=dtype).element_size()
+        per_token = sum(
+            a.num_kv_heads * (2 * a.head_dim * elem + 4 + 4) for a in model.attention_layers()
+        )
+        return per_token * block_size
+
+    def physical_slots(self, blocks: list[int], num_slots: int) -> torch.Tensor:
+        """Physical index (block * block_size + offset) of logical slots [0, num_slots)."""
+        dev = self.k.device
+        table = torch.tensor(blocks, dtype=torch.long, device=dev)
+        offsets = torch.arange(self.block_size, dtype=torch.long, device=dev)
+        return (table.unsqueeze(1) * self.block_size + offsets).flatten()[:num_slots]
+
+    def read_slot_state(
+        self, blocks: list[int], num_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's scores and positions, each [L, Hkv, num_slots]."""
+        slots = self.physical_slots(blocks, num_slots)
+        L, _, _, H = self.scores.shape
+        scores = self.scores.view(L, -1, H)[:, slots].transpose(1, 2)
+        positions = self.positions.view(L, -1, H)[:, slots].transpose(1, 2)
+        return scores, positions
+
+    def compact(self, blocks: list[int], victims: torch.Tensor, num_slots: int) -> None:
+        """Drop `victims` [L, Hkv, e] from a sequence of `num_slots` slots.
+
+        Each (layer, head) fills its victim slots below the new count from its
+        surviving slots past it, so slots [0, num_slots - e) end up holding
+        exactly the survivors; the caller then frees the tail blocks.
+        """
+        L, H, e = victims.shape
+        if e == 0:
+            return
+        new_count = num_slots - e
+        keep = torch.ones(L, H, num_slots, dtype=torch.bool, device=victims.device)
+        keep.scatter_(2, victims, False)
+        # NOTE: per (layer, head) the holes below new_count and the survivors
+        # at or past it are equally many, and nonzero() lists both row by row,
+        # so the i-th hole pairs with the i-th survivor of the same row.
+        holes = (~keep[:, :, :new_count]).nonzero()
+        movers = keep[:, :, new_count:].nonzero()
+        if holes.numel() == 0:
+            return
+        slots = self.physical_slots(blocks, num_slots)
+        layer, head = holes[:, 0], holes[:, 1]
+        dst = slots[holes[:, 2]]
+        src = slots[movers[:, 2] + new_count]
+        for t in (self.k, self.v, self.scores, self.positions):
+            flat = t.view(L, -1, H, *t.shape[4:])
+            flat[layer, dst, head] = flat[layer, src, head]

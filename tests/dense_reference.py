@@ -1,0 +1,152 @@
+"""A plain, unpaged reference of every KV policy, straight from keyformer.md.
+
+It runs one request at a time through the same model weights, but replaces the
+paged attention with a dense one: per layer, K/V for every token ever seen in
+one tensor, and an explicit `alive` mask per (kv-head, token) that eviction
+clears. Nothing is moved, compacted or paged; scores and victims are computed
+with plain loops. The engine must produce exactly this reference's tokens.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import PagedAttention
+from engine.sampler import SamplingRow, sample
+from engine.sampling_params import SamplingParams
+from kv_manager.policies import KVPolicySettings
+from kv_manager.scoring import gumbel_noise
+
+
+@dataclass
+class DenseLayer:
+    k: list[torch.Tensor] = field(default_factory=list)  # per token [Hkv, D]
+    v: list[torch.Tensor] = field(default_factory=list)
+    alive: list[list[bool]] = field(default_factory=list)  # [token][kv-head]
+    score: list[list[float]] = field(default_factory=list)  # [token][kv-head]
+
+
+class DenseReference:
+    """Greedy or seeded generation of one request with a dense, masked cache."""
+
+    def __init__(self, model: torch.nn.Module, settings: KVPolicySettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.layers = model.attention_layers()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        n = len(prompt)
+        self.state = [DenseLayer() for _ in self.layers]
+        self.prompt_len, self.max_tokens = n, params.max_tokens
+        self.budget = self.settings.budget(n)
+        seed = params.seed
+        gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        originals = [a.forward for a in self.layers]
+        try:
+            for i, attn in enumerate(self.layers):
+                attn.forward = self._dense_forward(attn, i)
+            out: list[int] = []
+            tokens, pos = list(prompt), 0
+            while len(out) < params.max_tokens:
+                logits = self._forward(tokens, pos)
+                self._evict(pos + len(tokens))
+                pos += len(tokens)
+                row = SamplingRow(params, gen, prompt, out, frozenset())
+                token = sample(logits, [row])[0].token_id
+                out.append(token)
+                tokens = [token]
+            return out
+        finally:
+            for attn, fwd in zip(self.layers, originals, strict=True):
+                attn.forward = fwd
+
+    @torch.inference_mode()
+    def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        ids = torch.tensor(tokens)
+        positions = torch.arange(start, start + len(tokens))
+        hidden = self.model(ids, positions, positions)  # ctx slot carries the positions
+        return self.model.compute_logits(hidden[-1:])
+
+    # -- attention -------------------------------------------------------------
+
+    def _dense_forward(self, attn: PagedAttention, layer: int):
+        def forward(q, k, v, positions):
+            st = self.state[layer]
+            for t in range(k.shape[0]):
+                st.k.append(k[t].float())
+                st.v.append(v[t].float())
+                st.alive.append([True] * attn.num_kv_heads)
+                st.score.append([0.0] * attn.num_kv_heads)
+            outs = [
+                self._attend_query(attn, layer, q[i], int(positions[i])) for i in range(q.shape[0])
+            ]
+            return torch.stack(outs).to(q.dtype).flatten(1)
+
+        return forward
+
+    def _attend_query(self, attn: PagedAttention, layer: int, q: torch.Tensor, qpos: int):
+        st = self.state[layer]
+        keys = torch.stack(st.k[: qpos + 1])  # [N, Hkv, D], position = index
+        values = torch.stack(st.v[: qpos + 1])
+        group = attn.num_heads // attn.num_kv_heads
+        out = []
+        for h in range(attn.num_heads):
+            kvh = h // group
+            logits = (keys[:, kvh] @ q[h].float()) * attn.scale  # [N]
+            kpos = torch.arange(qpos + 1)
+            if attn.alibi_slopes is not None:
+                logits = logits + attn.alibi_slopes[h] * (kpos - qpos)
+            visible = torch.tensor([st.alive[j][kvh] for j in range(qpos + 1)])
+            if attn.sliding_window is not None:
+                visible &= kpos > qpos - attn.sliding_window
+            logits = logits.masked_fill(~visible, float("-inf"))
+            out.append(torch.softmax(logits, -1) @ values[:, kvh])
+            self._accumulate(layer, h, kvh, logits, qpos)
+        return torch.stack(out)
+
+    def _accumulate(self, layer: int, head: int, kvh: int, logits: torch.Tensor, qpos: int):
+        s = self.settings
+        if s.kv_policy not in ("h2o", "keyformer"):
+            return
+        x = logits
+        if s.kv_policy == "keyformer":
+            kpos = torch.arange(logits.shape[0])
+            g = gumbel_noise(
+                torch.tensor(self.seed), layer, torch.tensor(head), torch.tensor(qpos), kpos
+            )
+            step = max(0, qpos - self.prompt_len + 1)
+            tau = s.tau_init + step * (s.tau_end - s.tau_init) / max(self.max_tokens, 1)
+            x = (logits + g) / tau
+        f = torch.softmax(x, -1)
+        st = self.state[layer]
+        for j in range(logits.shape[0]):
+            st.score[j][kvh] += float(f[j])
+
+    # -- eviction --------------------------------------------------------------
+
+    def _evict(self, length: int) -> None:
+        """Cut each (layer, kv-head) to the budget once the prompt is in."""
+        if self.budget is None or length < self.prompt_len:
+            return
+        for st in self.state:
+            for kvh in range(len(st.alive[0])):
+                alive = [j for j in range(length) if st.alive[j][kvh]]
+                excess = len(alive) - self.budget
+                if excess <= 0:
+                    continue
+                order = sorted(alive, key=lambda j: (self._priority(st, j, kvh, length), j))
+                for j in order[:excess]:
+                    st.alive[j][kvh] = False
+
+    def _priority(self, st: DenseLayer, j: int, kvh: int, length: int) -> float:
+        s = self.settings
+        if s.kv_policy == "window":
+            return float(j)
+        if s.kv_policy == "streaming":
+            return math.inf if j < s.sink_tokens else float(j)
+        window = s.recent_window(self.budget)
+        if j >= length - window:
+            return math.inf
+        return st.score[j][kvh]
