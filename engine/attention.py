@@ -119,11 +119,25 @@ class PagedAttention(nn.Module):
             k_pos = self._read_positions(d.block_tables)
         valid = d.key_valid.view(d.key_valid.shape[0], 1, 1, -1)  # [B, 1, 1, L]
         q_pos = d.query_positions.view(-1, 1)  # [B, 1]
-        mask = self._positional_mask(valid, q_pos, k_pos, q.dtype)
+        if self._needs_key_positions:
+            mask = self._positional_mask(valid, q_pos, k_pos, q.dtype)
+        else:
+            mask = self._padding_bias(ctx, valid, q.dtype)
         out = self._sdpa(q.unsqueeze(1), keys, values, mask).squeeze(1)
         if d.scoring is not None:
             self._score_decode(q, keys, k_pos, d)
         return out
+
+    @staticmethod
+    def _padding_bias(ctx: AttentionContext, valid: torch.Tensor, dtype: torch.dtype):
+        """Additive 0 / -inf bias for padded keys, made once a step: SDPA would
+        otherwise turn the boolean mask into one in every layer."""
+        bias = ctx.masks.get("decode_padding")
+        if bias is None:
+            bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+            bias.masked_fill_(~valid, float("-inf"))
+            ctx.masks["decode_padding"] = bias
+        return bias
 
     def _score_decode(
         self, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, d: DecodeBatch

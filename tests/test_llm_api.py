@@ -145,10 +145,10 @@ def test_missing_model_path_is_named(tmp_path):
 def test_small_pool_completes_everything_in_fcfs_order(llm):
     """A pool that holds about one request: all finish, in arrival order, with
     the tokens each gives when run alone."""
-    prompts = [f"Fact number {i}: the" for i in range(5)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [f"Fact number {i}: the" for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = [_text(llm, p, params).token_ids for p in prompts]
-    small = LLM(kv_cache_blocks=4, block_size=8)
+    small = LLM(kv_cache_blocks=3, block_size=8)
     engine = small.engine
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -158,8 +158,8 @@ def test_small_pool_completes_everything_in_fcfs_order(llm):
             if out.finished:
                 finish_order.append(out.request_id)
                 results[out.request_id] = out.outputs[0].token_ids
-    assert finish_order == [str(i) for i in range(5)]
-    assert [results[str(i)] for i in range(5)] == alone
+    assert finish_order == [str(i) for i in range(4)]
+    assert [results[str(i)] for i in range(4)] == alone
     assert engine.scheduler.num_preemptions > 0
     assert engine.kv.num_used_blocks == 0
 

@@ -42,17 +42,21 @@ def hf_greedy(llm):
     return expected
 
 
-def test_batched_greedy_equals_transformers(llm, hf_greedy):
+@pytest.fixture(scope="module")
+def engine_outputs(llm):
     # A small token budget chunks the prompts and staggers the batch.
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(PROMPTS, params)
-    for out, expected in zip(outs, hf_greedy, strict=True):
-        assert out.outputs[0].token_ids == expected
-        assert out.outputs[0].finish_reason == "length"
     assert llm.engine.kv.num_used_blocks == 0
+    return [o.outputs[0] for o in outs]
 
 
-def test_text_matches_tokenizer_decode(llm, hf_greedy):
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    out = llm.generate(PROMPTS[0], params)[0].outputs[0]
-    assert out.text == llm.get_tokenizer().decode(hf_greedy[0])
+def test_batched_greedy_equals_transformers(engine_outputs, hf_greedy):
+    for out, expected in zip(engine_outputs, hf_greedy, strict=True):
+        assert out.token_ids == expected
+        assert out.finish_reason == "length"
+
+
+def test_text_matches_tokenizer_decode(llm, engine_outputs, hf_greedy):
+    for out, expected in zip(engine_outputs, hf_greedy, strict=True):
+        assert out.text == llm.get_tokenizer().decode(expected)
