@@ -3,6 +3,8 @@ the blocks that became empty, before the scheduler builds the next batch."""
 
 from dataclasses import dataclass
 
+import torch
+
 from engine.context import ScoreSpec
 from engine.kv_cache import PagedKVCache
 from kv_manager import KVCacheManager
@@ -38,13 +40,32 @@ class EvictionStats:
 
 
 class Evictor:
+    """Cuts sequences back to their budgets and frees the emptied blocks."""
+
     def __init__(self, cache: PagedKVCache, kv: KVCacheManager) -> None:
         self.cache = cache
         self.kv = kv
         self.stats = EvictionStats()
 
-    def maybe_evict(self, request: Request, seq: SequencePolicy) -> int:
-        """Cut the request to its budget if it is over; returns blocks freed."""
+    def evict(self, items: list[tuple[Request, SequencePolicy]]) -> None:
+        """Cut every request that is over its budget.
+
+        Sequences one slot over (a decode step at the budget: the common case)
+        are cut together in a few batched ops; the rest one by one.
+        """
+        one_over, others = [], []
+        for request, seq in items:
+            excess = self._excess(request, seq)
+            if excess == 1:
+                one_over.append((request, seq))
+            elif excess > 1:
+                others.append((request, seq))
+        if one_over:
+            self._drop_one_each(one_over)
+        for request, seq in others:
+            self._evict_one(request, seq)
+
+    def _excess(self, request: Request, seq: SequencePolicy) -> int:
         if seq.budget is None or request.is_finished:
             return 0
         # The first prompt pass scores every prompt query before choosing; a
@@ -52,10 +73,11 @@ class Evictor:
         prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
         if not prompt_done and request.num_preemptions == 0:
             return 0
+        return max(0, self.kv.num_slots(request.request_id) - seq.budget)
+
+    def _evict_one(self, request: Request, seq: SequencePolicy) -> None:
         rid = request.request_id
         num_slots = self.kv.num_slots(rid)
-        if num_slots <= seq.budget:
-            return 0
         blocks = self.kv.block_table(rid)
         scores, positions = self.cache.read_slot_state(blocks, num_slots)
         victims = seq.policy.select_victims(
@@ -65,8 +87,34 @@ class Evictor:
             request.num_computed_tokens,
         )
         self.cache.compact(blocks, victims, num_slots)
-        freed = self.kv.shrink(rid, seq.budget)
-        self.stats.tokens_evicted += num_slots - seq.budget
+        self._shrink(rid, num_slots, seq.budget)
+
+    def _drop_one_each(self, items: list[tuple[Request, SequencePolicy]]) -> None:
+        """One victim per (sequence, layer, head): the lowest keep-priority,
+        the oldest among equals (the rule `select_victims` applies)."""
+        ids = [r.request_id for r, _ in items]
+        counts = [self.kv.num_slots(i) for i in ids]
+        slots = self.cache.padded_slots([self.kv.block_table(i) for i in ids], counts)
+        scores, positions = self.cache.read_slot_state_batch(slots)  # [B, L, H, S]
+        priority = torch.stack(
+            [
+                seq.policy.keep_priority(scores[i], positions[i], seq.budget, r.num_computed_tokens)
+                for i, (r, seq) in enumerate(items)
+            ]
+        )
+        count = torch.tensor(counts, device=slots.device)
+        valid = torch.arange(slots.shape[1], device=slots.device) < count.view(-1, 1)
+        valid = valid.view(len(items), 1, 1, -1)
+        priority = priority.masked_fill(~valid, float("inf"))
+        lowest = priority == priority.amin(dim=-1, keepdim=True)
+        never = torch.iinfo(positions.dtype).max
+        victims = positions.masked_fill(~(lowest & valid), never).argmin(dim=-1)  # [B, L, H]
+        self.cache.drop_one_each(slots, victims, count - 1)
+        for (r, seq), n in zip(items, counts, strict=True):
+            self._shrink(r.request_id, n, seq.budget)
+
+    def _shrink(self, request_id: str, num_slots: int, budget: int) -> None:
+        freed = self.kv.shrink(request_id, budget)
+        self.stats.tokens_evicted += num_slots - budget
         self.stats.blocks_freed += freed
         self.stats.evictions += 1
-        return freed

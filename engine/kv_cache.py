@@ -88,3 +88,36 @@ class PagedKVCache:
         for t in (self.k, self.v, self.scores, self.positions):
             flat = t.view(L, -1, H, *t.shape[4:])
             flat[layer, dst, head] = flat[layer, src, head]
+
+    def padded_slots(self, tables: list[list[int]], counts: list[int]) -> torch.Tensor:
+        """Physical slots of several sequences, [B, max(counts)], padded with slot 0."""
+        width = max(counts)
+        rows = [self.physical_slots(t, n) for t, n in zip(tables, counts, strict=True)]
+        out = torch.zeros(len(rows), width, dtype=torch.long, device=self.k.device)
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
+        return out
+
+    def read_slot_state_batch(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and positions at physical `slots` [B, S], each [B, L, Hkv, S]."""
+        L, _, _, H = self.scores.shape
+        scores = self.scores.view(L, -1, H)[:, slots].permute(1, 0, 3, 2)
+        positions = self.positions.view(L, -1, H)[:, slots].permute(1, 0, 3, 2)
+        return scores, positions
+
+    def drop_one_each(self, slots: torch.Tensor, victims: torch.Tensor, last: torch.Tensor) -> None:
+        """Each (sequence, layer, head) drops one slot: its last slot's contents
+        fill the victim's (nothing moves where the victim is the last slot).
+
+        slots: [B, S] physical slots; victims: [B, L, Hkv] slot indices;
+        last: [B] index of each sequence's last slot.
+        """
+        seq, layer, head = (victims != last.view(-1, 1, 1)).nonzero(as_tuple=True)
+        if seq.numel() == 0:
+            return
+        dst = slots[seq, victims[seq, layer, head]]
+        src = slots[seq, last[seq]]
+        L, _, _, H = self.scores.shape
+        for t in (self.k, self.v, self.scores, self.positions):
+            flat = t.view(L, -1, H, *t.shape[4:])
+            flat[layer, dst, head] = flat[layer, src, head]

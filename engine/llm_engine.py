@@ -199,8 +199,7 @@ class LLMEngine:
                 self.scheduler.finish_request(request.request_id, status)
             outputs.append(make_output(request, request.payload))
         # Evict after the stop checks: a finished request frees everything anyway.
-        for chunk in sched.chunks:
-            self.evictor.maybe_evict(chunk.request, chunk.request.payload.kv)
+        self.evictor.evict([(c.request, c.request.payload.kv) for c in sched.chunks])
         return outputs
 
     def stats(self) -> dict[str, Any]:
