@@ -7,8 +7,10 @@ BIN    := $(VENV)/bin
 # multi-GB CUDA build. GPU images install their own torch first (Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= Write one sentence about the sea.
+# Flags for `keyserve serve`, e.g. SERVE_ARGS="--port 9000 --kv-policy full".
+SERVE_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run generate test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 run: install
+	$(BIN)/keyserve serve $(SERVE_ARGS)
+
+generate: install
 	$(BIN)/keyserve generate "$(PROMPT)"
 
 lint: install

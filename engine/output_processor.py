@@ -104,7 +104,8 @@ def make_output(request: Request, state: RequestState) -> RequestOutput:
         text=text,
         token_ids=list(request.output_token_ids),
         cumulative_logprob=state.cumulative_logprob,
-        logprobs=state.logprobs,
+        # A copy: the engine keeps appending to its own list after this output.
+        logprobs=None if state.logprobs is None else list(state.logprobs),
         finish_reason=status.finish_reason,
         stop_reason=state.stop_reason,
     )

@@ -1,0 +1,1 @@
+"""Benchmarks for keyserve; see bench/README.md. Results live in bench/results/."""

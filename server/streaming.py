@@ -1,0 +1,84 @@
+"""Server-sent events, deltas from cumulative outputs, and client-disconnect handling."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine import RequestOutput
+from server.async_engine import RequestGroup
+from server.errors import APIError
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def sse_error(error: APIError) -> str:
+    # OpenAI's SDK raises on an event whose data carries an "error" object.
+    return sse(error.body())
+
+
+class Deltas:
+    """What each choice has already sent: the engine's outputs are cumulative
+    (text and token ids), so a delta is the part past what was sent."""
+
+    def __init__(self, num_choices: int) -> None:
+        self.chars = [0] * num_choices
+        self.tokens = [0] * num_choices
+
+    def take(self, index: int, output: RequestOutput) -> tuple[str, int, int]:
+        """(new text, first new token index, end token index) for choice `index`."""
+        completion = output.outputs[0]
+        text = completion.text[self.chars[index] :]
+        start, end = self.tokens[index], len(completion.token_ids)
+        self.chars[index] = len(completion.text)
+        self.tokens[index] = end
+        return text, start, end
+
+
+class AbortingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however the response ends.
+
+    A generator's own `finally` does not run when the client leaves before its
+    first chunk (an unstarted generator has no frame to unwind), so the abort
+    hangs on the response instead.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body is read by now, so the next ASGI message can only be the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect_or_abort(request: Request, group: RequestGroup) -> list[RequestOutput] | None:
+    """The group's final outputs, or None (and the group aborted, its blocks
+    freed) when the client disconnects first."""
+    final: asyncio.Task[Any] = asyncio.ensure_future(group.final())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({final, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return final.result() if final.done() else None
+    finally:
+        gone.cancel()
+        final.cancel()
+        group.abort()

@@ -1,0 +1,114 @@
+"""`keyserve serve`: its defaults, flags over config files, and a real SIGTERM drain."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import build_parser, serve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_serve_defaults_run_keyformer_on_loopback():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key is None) == ("127.0.0.1", 8000, True)
+    config = serve_config(args)
+    assert (config.model, config.kv_policy, config.kv_ratio) == (None, "keyformer", 0.5)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  kv_policy: h2o\n  block_size: 32\n  kv_cache_bytes: 256MiB\n")
+    args = build_parser().parse_args(
+        ["serve", "--config", str(path), "--kv-ratio", "0.25", "--max-num-seqs", "4"]
+    )
+    config = serve_config(args)
+    assert (config.kv_policy, config.kv_ratio, config.block_size) == ("h2o", 0.25, 32)
+    assert (config.max_num_seqs, config.kv_cache_bytes) == (4, "256MiB")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--kv-cache-bytes", "1GiB", "--kv-cache-blocks", "10"],
+        ["serve", "--kv-policy", "lru"],
+        ["serve", "--max-waiting", "0"],
+    ],
+)
+def test_bad_flags_exit(argv):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+
+
+def test_generate_is_still_there():
+    args = build_parser().parse_args(["generate", "hi", "--max-tokens", "3"])
+    assert (args.prompt, args.max_tokens, args.chat) == ("hi", 3, True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stream(url: str, result: dict, started: threading.Event) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0}
+    body |= {"ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line:
+                events.append(line)
+                started.set()
+    result["events"] = events
+
+
+def test_sigterm_drains_then_exits():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
+    cmd += ["--kv-cache-bytes", "64MiB", "--drain-timeout", "60", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+
+        result: dict = {}
+        started = threading.Event()
+        streamer = threading.Thread(target=_stream, args=(url, result, started))
+        streamer.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").status_code == 200:  # the signal lands async
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        late = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+
+        streamer.join(120)
+        events = result["events"]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] == "length"  # ran to the end, not aborted
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
