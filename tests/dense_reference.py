@@ -41,7 +41,9 @@ class DenseReference:
         self.prompt_len, self.max_tokens = n, params.max_tokens
         self.budget = self.settings.budget(n)
         seed = params.seed
-        gen = torch.Generator().manual_seed(seed)
+        # The sampler's generator lives where the model does, as in the engine.
+        self.device = next(self.model.parameters()).device
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         self.seed = seed
         originals = [a.forward for a in self.layers]
         try:
@@ -64,8 +66,8 @@ class DenseReference:
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
-        ids = torch.tensor(tokens)
-        positions = torch.arange(start, start + len(tokens))
+        ids = torch.tensor(tokens, device=self.device)
+        positions = torch.arange(start, start + len(tokens), device=self.device)
         hidden = self.model(ids, positions, positions)  # ctx slot carries the positions
         return self.model.compute_logits(hidden[-1:])
 
@@ -73,16 +75,18 @@ class DenseReference:
 
     def _dense_forward(self, attn: PagedAttention, layer: int):
         def forward(q, k, v, positions):
-            st = self.state[layer]
+            st, dtype = self.state[layer], q.dtype
+            # The dense math runs on the CPU in float32, whatever the model's device.
+            q, k, v = q.float().cpu(), k.float().cpu(), v.float().cpu()
             for t in range(k.shape[0]):
-                st.k.append(k[t].float())
-                st.v.append(v[t].float())
+                st.k.append(k[t])
+                st.v.append(v[t])
                 st.alive.append([True] * attn.num_kv_heads)
                 st.score.append([0.0] * attn.num_kv_heads)
             outs = [
                 self._attend_query(attn, layer, q[i], int(positions[i])) for i in range(q.shape[0])
             ]
-            return torch.stack(outs).to(q.dtype).flatten(1)
+            return torch.stack(outs).to(self.device, dtype).flatten(1)
 
         return forward
 
@@ -97,7 +101,7 @@ class DenseReference:
             logits = (keys[:, kvh] @ q[h].float()) * attn.scale  # [N]
             kpos = torch.arange(qpos + 1)
             if attn.alibi_slopes is not None:
-                logits = logits + attn.alibi_slopes[h] * (kpos - qpos)
+                logits = logits + attn.alibi_slopes[h].cpu() * (kpos - qpos)
             visible = torch.tensor([st.alive[j][kvh] for j in range(qpos + 1)])
             if attn.sliding_window is not None:
                 visible &= kpos > qpos - attn.sliding_window

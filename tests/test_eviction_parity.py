@@ -112,6 +112,7 @@ def _run_checked(llm: LLM, prompts, params) -> dict[str, list[int]]:
 
 def test_mixed_policy_batch_equals_dense_reference(folder):
     llm = LLM(
+        dtype="float32",
         model=str(folder),
         skip_tokenizer_init=True,
         block_size=4,
@@ -129,7 +130,13 @@ def test_mixed_policy_batch_equals_dense_reference(folder):
 
 
 def test_seeded_keyformer_is_reproducible_whatever_the_batch(folder):
-    llm = LLM(model=str(folder), skip_tokenizer_init=True, block_size=4, kv_cache_blocks=256)
+    llm = LLM(
+        model=str(folder),
+        skip_tokenizer_init=True,
+        block_size=4,
+        kv_cache_blocks=256,
+        dtype="float32",
+    )
     prompts = _prompts(3)
     p = _params("keyformer", 1)
     alone = llm.generate([prompts[0]], p)[0].outputs[0].token_ids

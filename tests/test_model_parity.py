@@ -45,7 +45,8 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def _llm(family: Family, **kwargs: object) -> LLM:
     kwargs = {"block_size": 4, "kv_cache_blocks": 64, **kwargs}
-    return LLM(model=str(family.folder), skip_tokenizer_init=True, **kwargs)
+    # float32 everywhere: "auto" would pick bfloat16 on a GPU, and the oracle is float32.
+    return LLM(model=str(family.folder), skip_tokenizer_init=True, dtype="float32", **kwargs)
 
 
 def _check(llm: LLM, family: Family, outputs: list[list[int]]) -> None:
