@@ -2,6 +2,7 @@
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +59,10 @@ class LLMEngine:
         self.vocab_size = self.model.compute_logits(
             torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         ).shape[-1]
+        # Test hook (tests/test_faults.py): called for each request that got a
+        # token, before its stop checks; whatever it raises fails that request
+        # alone, as a bug in the detokenizer or the stop checks would.
+        self.fault_hook: Callable[[Request], None] | None = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -194,7 +199,16 @@ class LLMEngine:
         )
         outputs = []
         for request in updated:
-            status = process_token(request, request.payload, by_id[request.request_id])
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(request)
+                status = process_token(request, request.payload, by_id[request.request_id])
+            except Exception:
+                # NOTE: one request's failure in post-processing must not take
+                # the batch (or the engine loop) down: it finishes with an
+                # error (its blocks freed) and the others carry on.
+                logger.exception("request %s failed; finishing it", request.request_id)
+                status = RequestStatus.FINISHED_ERROR
             if status.is_finished:
                 self.scheduler.finish_request(request.request_id, status)
             outputs.append(make_output(request, request.payload))

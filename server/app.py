@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from engine import LLMEngine
@@ -19,6 +20,7 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
+from server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.metrics import ServerMetrics
 from server.params import check_model
 from server.protocol import (
@@ -41,6 +43,10 @@ class ServerSettings:
     model_name: str  # what clients put in "model"
     model_root: str | None = None  # where the weights came from (shown by /v1/models)
     api_key: str | None = None  # None: no auth
+    # Bodies past this are refused with 413 before any parsing.
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # Origins allowed cross-origin (CORS); None: no CORS headers at all.
+    allowed_origins: list[str] | None = None
 
 
 def package_version() -> str:
@@ -72,9 +78,27 @@ def build_app(
         yield
         await async_engine.shutdown()
 
-    app = FastAPI(title="keyserve", version=package_version(), lifespan=lifespan)
+    # No /docs or /redoc (they pull scripts from a CDN); /openapi.json is
+    # served below, behind the API key like every client route.
+    app = FastAPI(
+        title="keyserve",
+        version=package_version(),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.engine = async_engine
     install_error_handlers(app)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    # Added last, so it runs first: an oversized body is refused before anything reads it.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     completions = CompletionServer(async_engine, tokenizer, settings.model_name)
     chat = ChatServer(async_engine, tokenizer, settings.model_name)
     max_model_len = async_engine.engine.max_model_len
@@ -82,7 +106,8 @@ def build_app(
     async def authorized(request: Request) -> None:
         check_api_key(request, settings.api_key)
 
-    # Everything a client calls needs the key; probes and Prometheus do not.
+    # Everything a client calls needs the key (/version and /openapi.json
+    # too: they tell an attacker what runs here); probes and Prometheus do not.
     api = APIRouter(dependencies=[Depends(authorized)])
 
     @api.post("/v1/completions")
@@ -125,6 +150,14 @@ def build_app(
             )
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
 
+    @api.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=package_version())
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     app.include_router(api)
 
     @app.get("/health")
@@ -143,9 +176,5 @@ def build_app(
         assert async_engine.metrics is not None
         body, content_type = async_engine.metrics.render()
         return Response(body, media_type=content_type)
-
-    @app.get("/version")
-    async def version() -> VersionResponse:
-        return VersionResponse(version=package_version())
 
     return app

@@ -6,6 +6,7 @@ import os
 import sys
 
 from engine.config import EngineConfig
+from server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name for clients
 # With no config file, the server runs the project's point: Keyformer eviction.
@@ -72,6 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or config.model or DEFAULT_MODEL_NAME,
         model_root=str(engine.model_path),
         api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+        allowed_origins=args.allowed_origins or None,
     )
     app = create_app(engine, settings, max_waiting=args.max_waiting)
     uv_config = uvicorn.Config(
@@ -87,8 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         f"kv_ratio={config.kv_ratio}) on http://{args.host}:{args.port}",
         file=sys.stderr,
     )
-    DrainingServer(uv_config, app.state.engine, args.drain_timeout).run()
-    return 0
+    server = DrainingServer(uv_config, app.state.engine, args.drain_timeout)
+    server.run()
+    return server.exit_code
 
 
 def _positive_int(text: str) -> int:
@@ -131,6 +135,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-waiting",
         type=_positive_int,
         help="requests allowed to wait for admission; past it, 503 (default: no limit)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"larger request bodies get 413 (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="origins allowed cross-origin requests (CORS), e.g. https://app.example; "
+        "default: none, no CORS headers",
     )
     serve.add_argument(
         "--drain-timeout",

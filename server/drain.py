@@ -24,6 +24,7 @@ class DrainingServer(uvicorn.Server):
         self.engine = engine
         self.drain_timeout = drain_timeout
         self._drain_deadline: float | None = None
+        self.exit_code = 0  # non-zero when the engine loop died: a restart is due
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A second signal, or Ctrl-C, stops at once: the user means it.
@@ -36,6 +37,12 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         # uvicorn calls this every 0.1 s from its main loop.
+        if self.engine.error is not None and not self.should_exit:
+            # The engine loop died (its requests got errors already): stop, and
+            # exit non-zero so that an orchestrator restarts the process.
+            logger.error("the engine loop died; exiting so that the server is restarted")
+            self.exit_code = 1
+            self.should_exit = True
         if self._drain_deadline is not None and not self.should_exit:
             if self.engine.num_unfinished_groups == 0:
                 self.should_exit = True

@@ -21,6 +21,7 @@ class APIError(Exception):
     status_code = HTTPStatus.BAD_REQUEST
     type = "invalid_request_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -50,11 +51,21 @@ class ModelNotFoundError(APIError):
         super().__init__(f"The model `{model}` does not exist.", param="model")
 
 
+class RequestTooLargeError(APIError):
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than the server's limit of {limit} bytes")
+
+
 class ServiceUnavailableError(APIError):
     """Try again later: the queue is full or the server is draining."""
 
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
     type = "server_error"
+    # A hint for clients and load balancers (the OpenAI SDK honours it).
+    headers = {"Retry-After": "1"}
 
 
 class QueueFullError(ServiceUnavailableError):
@@ -76,6 +87,18 @@ class EngineDeadError(APIError):
     code = "engine_dead"
 
 
+class GenerationError(APIError):
+    """One request failed inside the engine (it was finished with an error and
+    its blocks freed); the engine and the other requests carry on."""
+
+    status_code = HTTPStatus.INTERNAL_SERVER_ERROR
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__("the request failed while generating; see the server log")
+
+
 def error_body(
     message: str, type: str, param: str | None = None, code: str | int | None = None
 ) -> ErrorResponse:
@@ -83,7 +106,9 @@ def error_body(
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body().model_dump(), status_code=int(error.status_code))
+    return JSONResponse(
+        error.body().model_dump(), status_code=int(error.status_code), headers=error.headers
+    )
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
@@ -100,10 +125,22 @@ def check_api_key(request: Request, api_key: str | None) -> None:
         raise AuthenticationError("invalid or missing API key (send Authorization: Bearer KEY)")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic names the member of a union that failed: `stop.list[str]`, `content.str`."""
+    if not isinstance(part, str):
+        return False
+    return part in _TYPE_TAGS or "[" in part or part.startswith(("function-", "lax-"))
+
+
 def _param_of(loc: tuple) -> str | None:
-    # FastAPI locates body errors as ("body", field, index, ...); drop "body".
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or None
+    # FastAPI locates body errors as ("body", field, index, ...); drop "body",
+    # and the union-member tags after the field (never the field itself).
+    parts = [p for p in loc if p != "body"]
+    parts = parts[:1] + [p for p in parts[1:] if not _is_type_tag(p)]
+    return ".".join(str(p) for p in parts) or None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -5,9 +5,13 @@ a 400 naming it, not a run silently made with the default policy.
 """
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 64  # per request: each is searched for after every token
+# torch seeds a generator from a 64-bit integer.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 # -- errors -------------------------------------------------------------------
 
@@ -36,7 +40,8 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by completion and chat requests, named as OpenAI and vLLM name them."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity are valid Python JSON but no valid value of any field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None  # None: the served model
     n: int = Field(1, ge=1, le=128)
@@ -46,8 +51,8 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -241,7 +246,7 @@ class ModelList(BaseModel):
 class TokenizeRequest(BaseModel):
     """Either `prompt` (raw text) or `messages` (run through the chat template)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     prompt: str | None = None

@@ -29,6 +29,7 @@ from server.streaming import (
     AbortingStreamingResponse,
     Deltas,
     collect_or_abort,
+    raise_if_failed,
     sse,
     sse_error,
 )
@@ -101,6 +102,8 @@ class ChatServer:
         outputs = await collect_or_abort(raw, group)
         if outputs is None:
             return Response(status_code=499)  # nobody is listening
+        for out in outputs:
+            raise_if_failed(out)
         choices = []
         for i, out in enumerate(outputs):
             c = out.outputs[0]
@@ -145,6 +148,7 @@ class ChatServer:
                 )
             async for updates in group.updates():
                 for index, out in updates:
+                    raise_if_failed(out)  # an error event, then [DONE]; the rest is aborted
                     c = out.outputs[0]
                     text, start, end = deltas.take(index, out)
                     logprobs = None
@@ -163,7 +167,7 @@ class ChatServer:
                         yield chunk([choice])
             if request.stream_options and request.stream_options.include_usage:
                 yield chunk([], usage_of(group.latest, request.n))
-        except APIError as e:  # the engine died mid-stream
+        except APIError as e:  # the engine died mid-stream, or this request failed
             yield sse_error(e)
         yield DONE
 

@@ -25,6 +25,7 @@ from server.streaming import (
     AbortingStreamingResponse,
     Deltas,
     collect_or_abort,
+    raise_if_failed,
     sse,
     sse_error,
 )
@@ -79,6 +80,8 @@ class CompletionServer:
         outputs = await collect_or_abort(raw, group)
         if outputs is None:
             return Response(status_code=499)  # nobody is listening
+        for out in outputs:
+            raise_if_failed(out)
         choices = [self._choice(request, i, out) for i, out in enumerate(outputs)]
         body = CompletionResponse(
             id=request_id,
@@ -125,6 +128,7 @@ class CompletionServer:
         try:
             async for updates in group.updates():
                 for index, out in updates:
+                    raise_if_failed(out)  # an error event, then [DONE]; the rest is aborted
                     if request.echo and index not in echoed:
                         echoed.add(index)
                         yield chunk([CompletionChoice(index=index, text=self._echo(out))])
@@ -150,7 +154,7 @@ class CompletionServer:
                         yield chunk([choice])
             if request.stream_options and request.stream_options.include_usage:
                 yield chunk([], usage_of(group.latest, request.n))
-        except APIError as e:  # the engine died mid-stream
+        except APIError as e:  # the engine died mid-stream, or this request failed
             yield sse_error(e)
         yield DONE
 

@@ -11,9 +11,15 @@ from starlette.types import Receive, Scope, Send
 
 from engine import RequestOutput
 from server.async_engine import RequestGroup
-from server.errors import APIError
+from server.errors import APIError, GenerationError
 
 DONE = "data: [DONE]\n\n"
+
+
+def raise_if_failed(output: RequestOutput) -> None:
+    """A request the engine finished with an error (and freed) fails its whole API call."""
+    if output.outputs[0].finish_reason == "error":
+        raise GenerationError()
 
 
 def sse(payload: BaseModel) -> str:

@@ -59,6 +59,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def proc_running_requests(url: str) -> float:
+    """Requests the server holds (running + waiting), from its metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    running = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("keyserve:num_requests_running{", "keyserve:num_requests_waiting{"))
+    ]
+    return sum(running)
+
+
 def _stream(url: str, result: dict, started: threading.Event) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0}
     body |= {"ignore_eos": True, "stream": True}
@@ -69,6 +80,11 @@ def _stream(url: str, result: dict, started: threading.Event) -> None:
                 events.append(line)
                 started.set()
     result["events"] = events
+
+
+def _plain(url: str, result: dict) -> None:
+    body = {"prompt": "The sea is", "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    result["plain"] = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
 
 
 def test_sigterm_drains_then_exits():
@@ -94,6 +110,12 @@ def test_sigterm_drains_then_exits():
         streamer = threading.Thread(target=_stream, args=(url, result, started))
         streamer.start()
         assert started.wait(60)
+        plain = threading.Thread(target=_plain, args=(url, result))  # accepted, not streamed
+        plain.start()
+        deadline = time.monotonic() + 30
+        while proc_running_requests(url) < 2:  # both accepted before the signal
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while httpx.get(f"{url}/health").status_code == 200:  # the signal lands async
@@ -103,6 +125,9 @@ def test_sigterm_drains_then_exits():
         assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
 
         streamer.join(120)
+        plain.join(120)
+        assert result["plain"].status_code == 200  # no accepted request is lost
+        assert result["plain"].json()["choices"][0]["finish_reason"] == "length"
         events = result["events"]
         assert events[-1] == "data: [DONE]"
         last = json.loads(events[-2].removeprefix("data: "))

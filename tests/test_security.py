@@ -1,0 +1,168 @@
+"""A guarded API: the key on every client route, compared in constant time and
+never logged; loopback by default; no CORS unless configured; size and queue
+limits in the config; weights only from safetensors or GGUF."""
+
+import asyncio
+import inspect
+import logging
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import MODEL_NAME
+
+from server import ServerSettings, build_app
+from server.cli import build_parser
+from server.errors import check_api_key
+from server.limits import DEFAULT_MAX_REQUEST_BYTES
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-keyserve-Zq8Lw3Xv9Tn2"
+OPEN_ROUTES = {"/health", "/metrics"}  # probes and Prometheus scrape without a key
+
+
+def _app(live_server, **settings):
+    # Over the live engine, without a lifespan of its own: only routes that do
+    # not generate are called, or ones refused before they reach the engine.
+    return build_app(live_server.app.state.engine, ServerSettings(MODEL_NAME, **settings), None)
+
+
+def _call(app, fn):
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await fn(c)
+
+    return asyncio.run(run())
+
+
+def test_every_route_but_health_and_metrics_needs_the_key(live_server):
+    app = _app(live_server, api_key=KEY)
+    # The published routes, and the schema itself (not listed in it).
+    routes = [(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops]
+    routes.append(("GET", "/openapi.json"))
+    paths = {p for _, p in routes}
+    assert {"/v1/completions", "/tokenize", "/version", "/health"} <= paths
+
+    async def check(c):
+        for method, path in routes:
+            anonymous = await c.request(method, path)
+            wrong = await c.request(method, path, headers={"authorization": f"Bearer {KEY}x"})
+            if path in OPEN_ROUTES:
+                assert anonymous.status_code == 200, path
+                continue
+            for r in (anonymous, wrong):
+                assert r.status_code == 401, (method, path, r.status_code)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/docs", "/redoc"):  # no docs pages (they load scripts from a CDN)
+            assert (await c.get(path)).status_code in (401, 404)
+        good = {"authorization": f"Bearer {KEY}"}
+        assert (await c.get("/version", headers=good)).status_code == 200
+        schema = await c.get("/openapi.json", headers=good)
+        assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
+
+    _call(app, check)
+
+
+def test_the_key_is_compared_in_constant_time():
+    source = inspect.getsource(check_api_key)
+    assert "hmac.compare_digest" in source
+    assert "== api_key" not in source and "api_key ==" not in source
+
+
+def test_the_key_never_reaches_the_logs(live_server, caplog):
+    app = _app(live_server, api_key=KEY)
+
+    async def requests(c):
+        good = {"authorization": f"Bearer {KEY}"}
+        bad = {"authorization": f"Bearer {KEY[:-1]}"}
+        out = [
+            await c.get("/v1/models", headers=good),
+            await c.get("/v1/models", headers=bad),
+            await c.post("/tokenize", headers=good, json={"prompt": "x"}),
+            await c.post("/v1/completions", headers=bad, json={"prompt": "x"}),
+            await c.post("/v1/completions", headers=good, json={"model": "other", "prompt": "x"}),
+        ]
+        return out
+
+    with caplog.at_level(logging.DEBUG):
+        responses = _call(app, requests)
+    assert [r.status_code for r in responses] == [200, 401, 400, 401, 404]
+    assert KEY not in caplog.text and KEY[:-1] not in caplog.text
+    for r in responses:
+        assert KEY[:-1] not in r.text  # nor in any answer
+
+
+def test_binds_loopback_unless_told_otherwise():
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1"
+    assert build_parser().parse_args(["serve", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+def test_no_cors_headers_by_default(live_server):
+    app = _app(live_server)
+
+    async def check(c):
+        origin = {"origin": "https://evil.example"}
+        r = await c.get("/v1/models", headers=origin)
+        assert r.status_code == 200
+        preflight = await c.options(
+            "/v1/completions",
+            headers=origin | {"access-control-request-method": "POST"},
+        )
+        for response in (r, preflight):
+            assert not any(h.startswith("access-control-") for h in response.headers)
+
+    _call(app, check)
+    # Also on the real server.
+    r = httpx.get(f"{live_server.url}/v1/models", headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_only_for_the_configured_origins(live_server):
+    app = _app(live_server, allowed_origins=["https://ok.example"])
+
+    async def check(c):
+        ok = await c.get("/v1/models", headers={"origin": "https://ok.example"})
+        assert ok.headers["access-control-allow-origin"] == "https://ok.example"
+        other = await c.get("/v1/models", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+    _call(app, check)
+
+
+def test_limits_are_in_the_config():
+    args = build_parser().parse_args(["serve"])
+    assert args.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
+    assert args.allowed_origins is None
+    args = build_parser().parse_args(
+        ["serve", "--max-request-bytes", "4096", "--max-waiting", "8", "--max-num-seqs", "4"]
+        + ["--allowed-origins", "https://a.example", "https://b.example"]
+    )
+    assert (args.max_request_bytes, args.max_waiting, args.max_num_seqs) == (4096, 8, 4)
+    assert args.allowed_origins == ["https://a.example", "https://b.example"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-request-bytes", "0"])
+
+
+def _package_sources():
+    for package in ("server", "engine", "scheduler", "kv_manager"):
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def test_weights_load_only_from_safetensors_or_gguf():
+    """No pickle anywhere in the package: no pickle/dill/joblib import, no
+    torch.load without weights_only=True, no numpy load with allow_pickle."""
+    bad = []
+    for path in _package_sources():
+        text = path.read_text()
+        rel = path.relative_to(ROOT)
+        if re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib|shelve)\b", text, re.M):
+            bad.append(f"{rel}: imports a pickle module")
+        for call in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", text):
+            if "weights_only=True" not in call.group(0):
+                bad.append(f"{rel}: {call.group(0)}")
+        if "allow_pickle=True" in text:
+            bad.append(f"{rel}: allow_pickle=True")
+    assert not bad, bad
