@@ -109,9 +109,10 @@ def _figure1(report: dict[str, Any], png: str | None) -> list[str]:
         "",
         "*oracle*: on full attention's own decoding, the mass of the best possible set of "
         "the same size (budget + 1 tokens per kv-head, the top of the mass summed over the "
-        "kv-head's query heads), chosen afresh at every step: an upper bound no evicting "
-        "policy reaches, since an evicted token cannot come back. A uniform attention "
-        "would give about the budget itself.",
+        "kv-head's query heads), chosen afresh at every step, which no policy can do (an "
+        "evicted token never returns): the ceiling to read the policies against (they run "
+        "on their own decoding, so it is a reference rather than a strict bound). A uniform "
+        "attention would give about the budget itself.",
         "",
         f"Time: {mass.get('time_s', 0):.0f} s. Per-layer and per-step curves, and per-prompt "
         "values, are in the JSON.",

@@ -59,9 +59,11 @@ def gumbel_noise(
     x = (x ^ _shift_right(x, 30)) * _const(_MIX1, dev)
     x = (x ^ _shift_right(x, 27)) * _const(_MIX2, dev)
     x = x ^ _shift_right(x, 31)
-    # Top 24 bits -> uniform in (0, 1), never 0 or 1.
-    u = (_shift_right(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(u))
+    # Top 24 bits -> uniform in (0, 1), never 0 or 1. NOTE: float64, because
+    # in float32 (2**24 - 1) + 0.5 rounds up to 2**24, u becomes 1 and the
+    # noise +inf, which turns a whole row of scores into NaN.
+    u = (_shift_right(x, 40).to(torch.float64) + 0.5) / float(1 << 24)
+    return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
 def step_scores(
