@@ -8,9 +8,7 @@ from typing import Any
 import torch
 import yaml
 
-from kv_manager.policies import KVPolicySettings
-
-KV_POLICY_FIELDS = tuple(f.name for f in fields(KVPolicySettings))
+from kv_manager.policies import KV_POLICY_FIELDS, KVPolicySettings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

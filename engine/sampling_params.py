@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from kv_manager.policies import KV_POLICY_FIELDS
+
 # Below this a temperature means greedy decoding.
 GREEDY_EPSILON = 1e-5
 MAX_LOGPROBS = 20
@@ -39,17 +41,7 @@ class SamplingParams:
 
     def kv_overrides(self) -> dict:
         """The KV policy fields this request sets."""
-        names = (
-            "kv_policy",
-            "kv_ratio",
-            "kv_max_tokens",
-            "kv_min_tokens",
-            "recent_ratio",
-            "sink_tokens",
-            "tau_init",
-            "tau_end",
-        )
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in KV_POLICY_FIELDS if getattr(self, n) is not None}
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from engine import RequestOutput, SamplingParams
 from engine.llm_engine import PromptType
+from kv_manager.policies import KV_POLICY_FIELDS
 from server.async_engine import EngineRequest
 from server.errors import BadRequestError, ModelNotFoundError, bad_request_from
 from server.protocol import SamplingFields, UsageInfo
@@ -22,14 +23,7 @@ _PASSTHROUGH = (
     "ignore_eos",
     "include_stop_str_in_output",
     "skip_special_tokens",
-    "kv_policy",
-    "kv_ratio",
-    "kv_max_tokens",
-    "kv_min_tokens",
-    "recent_ratio",
-    "sink_tokens",
-    "tau_init",
-    "tau_end",
+    *KV_POLICY_FIELDS,
 )
 
 

@@ -2,7 +2,7 @@
 
 from kv_manager.policies.base import EvictionPolicy
 from kv_manager.policies.heavy_hitters import H2OPolicy, HeavyHitterPolicy, KeyformerPolicy
-from kv_manager.policies.settings import POLICY_NAMES, KVPolicySettings
+from kv_manager.policies.settings import KV_POLICY_FIELDS, POLICY_NAMES, KVPolicySettings
 from kv_manager.policies.simple import FullPolicy, StreamingPolicy, WindowPolicy
 
 _POLICIES: dict[str, type[EvictionPolicy]] = {
@@ -19,6 +19,7 @@ def make_policy(settings: KVPolicySettings) -> EvictionPolicy:
 
 
 __all__ = [
+    "KV_POLICY_FIELDS",
     "POLICY_NAMES",
     "EvictionPolicy",
     "FullPolicy",

@@ -85,5 +85,10 @@ class KVPolicySettings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+# The per-request KV fields, as every layer above spells them (engine config,
+# SamplingParams, the HTTP body).
+KV_POLICY_FIELDS = tuple(f.name for f in fields(KVPolicySettings))
+
+
 def _finite(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
