@@ -1,10 +1,14 @@
 """A loopback soak: many concurrent greedy requests of mixed prompt lengths and
 KV policies, streamed and not, about a third of the clients leaving at random
-points. Afterwards: zero 5xx, every finished request's text equal to the same
-request run alone, and (with --pid) the server's RSS after warm-up.
+points, and a share of bad requests that must each get their own 4xx.
+Afterwards: zero 5xx, every finished request's text equal to the same request
+run alone, the KV pool empty, and the server's RSS at start, after warm-up and
+at the end. The committed run (bench/results/soak/):
 
-    keyserve serve --kv-cache-bytes 64MiB &
-    python -m bench.soak --url http://127.0.0.1:8000 --requests 400 --pid $!
+    python -m bench.soak --serve "--kv-cache-bytes 64MiB" --requests 2000 \
+        --concurrency 32 --max-tokens 16 --out bench/results/soak
+
+or against a server already running: --url URL --pid PID.
 
 tests/test_soak.py runs a short version (40 requests) against the test server.
 """
@@ -13,6 +17,11 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +66,29 @@ class Plan:
     stream: bool
     leave_after: int | None  # streaming: events; plain: None or a delay in ms
     leave_delay: float | None = None
+    bad: int | None = None  # an index into BAD_BODIES instead of the spec
+
+
+def make_plans(
+    num: int, seed: int, max_tokens: int = 8, num_specs: int = 10, bad_share: float = 0.0
+) -> list[Plan]:
+    rng = random.Random(seed)
+    plans = _good_plans(num, rng, max_tokens, num_specs)
+    for plan in plans:
+        if rng.random() < bad_share:
+            plan.bad = rng.randrange(len(BAD_BODIES))
+    return plans
+
+
+# Bad requests mixed into the load, with the status each must get: they must
+# never disturb the good ones, and an error must free whatever it held.
+BAD_BODIES = [
+    ({"prompt": "x", "max_tokens": 4, "kv_ratio": 2.0}, 400),
+    ({"prompt": "x", "max_tokens": -1}, 400),
+    ({"prompt": "word " * 5000, "max_tokens": 4}, 400),  # past the context length
+    ({"prompt": "x", "max_tokens": 4, "model": "../../etc/passwd"}, 404),
+    ({"prompt": [[10**9]], "max_tokens": 4}, 400),  # a token id outside the vocabulary
+]
 
 
 @dataclass
@@ -64,17 +96,24 @@ class Report:
     requests: int = 0
     finished: int = 0
     left: int = 0
+    bad: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
+    wrong_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     rss_mib: list[float] = field(default_factory=list)  # after warm-up, after the run
+    rss_start_mib: float | None = None  # before the first request
+    kv_blocks_total: float | None = None
+    kv_blocks_used_peak: float | None = None
+    kv_blocks_used_final: float | None = None
+    preemptions: float | None = None
+    tokens_evicted: float | None = None
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
 
 
-def make_plans(num: int, seed: int, max_tokens: int = 8, num_specs: int = 10) -> list[Plan]:
-    rng = random.Random(seed)
+def _good_plans(num: int, rng: random.Random, max_tokens: int, num_specs: int) -> list[Plan]:
     specs = [
         Spec(i % len(PROMPTS), POLICIES[(i * 3 + i // len(PROMPTS)) % len(POLICIES)], max_tokens)
         for i in range(num_specs)
@@ -94,6 +133,9 @@ def make_plans(num: int, seed: int, max_tokens: int = 8, num_specs: int = 10) ->
 
 async def _run_one(http: httpx.AsyncClient, plan: Plan) -> tuple[int | None, str | None]:
     """(status or None if we left before it came, text or None if we left)."""
+    if plan.bad is not None:
+        r = await http.post("/v1/completions", json=BAD_BODIES[plan.bad][0])
+        return r.status_code, r.text
     if not plan.stream:
         call = http.post("/v1/completions", json=plan.spec.body(False))
         if plan.leave_delay is None:
@@ -132,6 +174,30 @@ def rss_mib(pid: int | str = "self") -> float:
     return float("nan")
 
 
+async def _metrics(http: httpx.AsyncClient) -> dict[str, float]:
+    """The server's unlabelled-by-reason samples from /metrics, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await http.get("/metrics")).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "finished_reason" not in sample.labels
+    }
+
+
+async def _wait_idle(http: httpx.AsyncClient, timeout: float = 60.0) -> dict[str, float]:
+    """/metrics once nothing runs or waits (aborts land between engine steps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = await _metrics(http)
+        busy = m["keyserve:num_requests_running"] + m["keyserve:num_requests_waiting"]
+        if (busy == 0 and m["keyserve:kv_blocks_used"] == 0) or time.monotonic() > deadline:
+            return m
+        await asyncio.sleep(0.1)
+
+
 async def soak(
     url: str,
     num_requests: int,
@@ -139,11 +205,15 @@ async def soak(
     concurrency: int = 16,
     pid: int | str | None = None,
     max_tokens: int = 8,
+    bad_share: float = 0.0,
+    progress: bool = False,
 ) -> Report:
-    plans = make_plans(num_requests, seed, max_tokens)
+    plans = make_plans(num_requests, seed, max_tokens, bad_share=bad_share)
     report = Report(requests=num_requests)
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        if pid is not None:
+            report.rss_start_mib = rss_mib(pid)
         # The reference: each distinct request alone, one at a time (also the warm-up).
         solo = {}
         for spec in sorted({p.spec for p in plans}, key=lambda s: (s.prompt, s.policy)):
@@ -153,12 +223,20 @@ async def soak(
         if pid is not None:
             report.rss_mib.append(rss_mib(pid))
         gate = asyncio.Semaphore(concurrency)
+        bar = _progress_bar(num_requests) if progress else None
 
         async def client(i: int, plan: Plan) -> None:
             async with gate:
                 status, text = await _run_one(http, plan)
+            if bar is not None:
+                bar.update()
             if status is not None:
                 report.statuses[status] = report.statuses.get(status, 0) + 1
+            if plan.bad is not None:
+                report.bad += 1
+                if status != BAD_BODIES[plan.bad][1] or '"error"' not in (text or ""):
+                    report.wrong_errors.append(f"#{i} bad body {plan.bad}: {status} {text}")
+                return
             if text is None:
                 report.left += 1
                 return
@@ -169,9 +247,82 @@ async def soak(
         start = time.monotonic()
         await asyncio.gather(*(client(i, p) for i, p in enumerate(plans)))
         report.seconds = time.monotonic() - start
+        if bar is not None:
+            bar.close()
+        final = await _wait_idle(http)
+        report.kv_blocks_total = final["keyserve:kv_blocks_total"]
+        report.kv_blocks_used_peak = final["keyserve:kv_blocks_used_peak"]
+        report.kv_blocks_used_final = final["keyserve:kv_blocks_used"]
+        report.preemptions = final["keyserve:num_preemptions_total"]
+        report.tokens_evicted = final["keyserve:tokens_evicted_total"]
         if pid is not None:
             report.rss_mib.append(rss_mib(pid))
     return report
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+
+def markdown(report: Report, command: str) -> str:
+    r = report
+    codes = ", ".join(f"{code}: {n}" for code, n in sorted(r.statuses.items()))
+    warm, end = (r.rss_mib + [float("nan"), float("nan")])[:2]
+    rows = [
+        ("requests", r.requests),
+        ("finished (text checked against its solo run)", r.finished),
+        ("clients that left early (aborts)", r.left),
+        ("bad requests (each must get its own 4xx)", r.bad),
+        ("responses by status code", codes),
+        ("5xx responses", sum(n for code, n in r.statuses.items() if code >= 500)),
+        ("finished texts unequal to their solo run", len(r.mismatches)),
+        ("bad requests with the wrong status or body", len(r.wrong_errors)),
+        ("KV blocks in the pool", _int(r.kv_blocks_total)),
+        ("KV blocks in use, peak", _int(r.kv_blocks_used_peak)),
+        ("KV blocks in use, final", _int(r.kv_blocks_used_final)),
+        ("preemptions", _int(r.preemptions)),
+        ("tokens evicted", _int(r.tokens_evicted)),
+        (
+            "server RSS at start / after warm-up / at end (MiB)",
+            f"{_mib(r.rss_start_mib)} / {_mib(warm)} / {_mib(end)}",
+        ),
+        ("wall time (s)", f"{r.seconds:.0f}"),
+    ]
+    lines = ["# Soak", "", f"Command: `{command}`", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _int(value: float | None) -> str:
+    return "n/a" if value is None else str(int(value))
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _start_server(serve_args: list[str]) -> tuple[subprocess.Popen, str]:
+    """`keyserve serve` on a free loopback port; returns (process, url) once it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *serve_args]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not start within 300 s")
 
 
 def main() -> None:
@@ -179,11 +330,44 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--bad-share", type=float, default=0.05, help="share of bad requests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pid", help="the server's pid, to read its RSS")
+    parser.add_argument(
+        "--serve",
+        help="start `keyserve serve` with these flags (quoted) instead of using --url",
+    )
+    parser.add_argument("--out", type=Path, help="write soak.json and soak.md here")
     args = parser.parse_args()
-    report = asyncio.run(soak(args.url, args.requests, args.seed, args.concurrency, args.pid))
+    proc = None
+    url, pid = args.url, args.pid
+    if args.serve is not None:
+        proc, url = _start_server(shlex.split(args.serve))
+        pid = proc.pid
+    try:
+        report = asyncio.run(
+            soak(
+                url,
+                args.requests,
+                args.seed,
+                args.concurrency,
+                pid,
+                args.max_tokens,
+                args.bad_share,
+                progress=True,
+            )
+        )
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
     print(json.dumps(report.as_dict(), indent=2))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python -m bench.soak " + shlex.join(sys.argv[1:])
+        (args.out / "soak.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        (args.out / "soak.md").write_text(markdown(report, command))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import AttentionContext, DecodeBatch, PrefillSpan, ScoreSpec
-from kv_manager.scoring import gumbel_noise, step_scores
+from engine.cpu_kernels import accumulate_scores, paged_decode_attention
+from kv_manager.scoring import gumbel_noise, gumbel_table, step_scores
 
 # Prompt queries scored at once: bounds the [heads, queries, keys] logits.
 SCORE_QUERY_CHUNK = 128
@@ -119,6 +120,9 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         # q: [B, Hq, D] -> [B, Hq, D]
         d = ctx.decode
+        kernel = self._decode_kernel(q)
+        if kernel is not None:
+            return self._decode_in_place(kernel, q, d)
         keys, values = self._read(d.block_tables)
         k_pos = None
         if self._needs_key_positions or d.scoring is not None:
@@ -131,7 +135,41 @@ class PagedAttention(nn.Module):
             mask = self._padding_bias(ctx, valid, q.dtype)
         out = self._sdpa(q.unsqueeze(1), keys, values, mask, causal=False).squeeze(1)
         if d.scoring is not None:
-            self._score_decode(q, keys, k_pos, d)
+            rows = d.scoring.rows
+            H, G = self.num_kv_heads, self.group
+            qs = q[rows].float().view(rows.shape[0], H, G, -1)  # [b, Hkv, G, D]
+            logits = torch.einsum("bhgd,blhd->bhgl", qs, keys[rows].float()) * self.scale
+            self._score_decode(logits, k_pos[rows], d)
+        return out
+
+    def _decode_kernel(self, q: torch.Tensor):
+        """The C++ paged-decode kernel when it applies: CPU, float32, and no
+        per-key positional terms (ALiBi and sliding windows take the torch path)."""
+        if q.device.type != "cpu" or q.dtype != torch.float32 or self._needs_key_positions:
+            return None
+        return paged_decode_attention()
+
+    def _decode_in_place(self, kernel, q: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
+        """Attention read straight from the paged cache: no per-step gather of K/V."""
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        logits = q.new_empty(0)
+        if d.scoring is not None:
+            logits = q.new_empty(q.shape[0], self.num_heads, d.key_valid.shape[1])
+        kernel(
+            out,
+            q.contiguous(),
+            self.k_cache,
+            self.v_cache,
+            d.block_tables,
+            d.num_keys,
+            self.scale,
+            logits,
+        )
+        if d.scoring is not None:
+            rows = d.scoring.rows
+            b, H, G = rows.shape[0], self.num_kv_heads, self.group
+            k_pos = self._read_positions(d.block_tables[rows])
+            self._score_decode(logits[rows].view(b, H, G, -1), k_pos, d)
         return out
 
     @staticmethod
@@ -147,15 +185,25 @@ class PagedAttention(nn.Module):
             ctx.masks["decode_padding"] = bias
         return ctx.masks["decode_padding"]
 
-    def _score_decode(
-        self, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, d: DecodeBatch
-    ) -> None:
+    def _score_decode(self, logits: torch.Tensor, k_pos: torch.Tensor, d: DecodeBatch) -> None:
+        """Add this step's scores for the scoring rows. logits: their scaled
+        q.k [b, Hkv, G, L] (float32); k_pos: their key positions [b, L, Hkv]."""
         s = d.scoring
-        b, L = s.rows.shape[0], keys.shape[1]
+        b, L = s.rows.shape[0], logits.shape[-1]
         H, G = self.num_kv_heads, self.group
-        qs = q[s.rows].float().view(b, H, G, -1)  # [b, Hkv, G, D]
-        logits = torch.einsum("bhgd,blhd->bhgl", qs, keys[s.rows].float()) * self.scale
-        k_pos = k_pos[s.rows].transpose(1, 2).unsqueeze(2)  # [b, Hkv, 1, L]
+        kernel = self._score_kernel(logits)
+        if kernel is not None:
+            step = (d.query_positions[s.rows] - s.prompt_len + 1).clamp(min=0)
+            out = logits.new_zeros(b, H, G, L)
+            kernel(
+                out, logits.contiguous().view(b, H, G, 1, L), d.num_keys[s.rows].view(b, 1),
+                d.query_positions[s.rows].view(b, 1), k_pos.contiguous(),
+                (s.tau_init + step * s.tau_slope).view(b, 1), s.seed, s.gumbel,
+                self.layer_idx, gumbel_table(logits.device),
+            )  # fmt: skip
+            self._add_scores(d.key_slots[s.rows].flatten(), out.sum(2).transpose(1, 2))
+            return
+        k_pos = k_pos.transpose(1, 2).unsqueeze(2)  # [b, Hkv, 1, L]
         q_pos = d.query_positions[s.rows].view(b, 1, 1, 1)
         if self.alibi_slopes is not None:
             logits = logits + self.alibi_slopes.view(1, H, G, 1) * (k_pos - q_pos)
@@ -163,17 +211,25 @@ class PagedAttention(nn.Module):
         if self.sliding_window is not None:
             allowed = allowed & (k_pos > q_pos - self.sliding_window)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        head = torch.arange(H * G, device=q.device).view(1, H, G, 1)
+        head = torch.arange(H * G, device=logits.device).view(1, H, G, 1)
         noise = gumbel_noise(s.seed.view(b, 1, 1, 1), self.layer_idx, head, q_pos, k_pos)
         noise = noise * s.gumbel.view(b, 1, 1, 1)
         step = (q_pos - s.prompt_len.view(b, 1, 1, 1) + 1).clamp(min=0)
         tau = s.tau_init.view(b, 1, 1, 1) + step * s.tau_slope.view(b, 1, 1, 1)
         contrib = step_scores(logits, tau, noise).sum(2)  # [b, Hkv, L]
-        self.score_cache.view(-1, H).index_put_(
-            (d.key_slots[s.rows].flatten(),),
-            contrib.transpose(1, 2).reshape(-1, H),
-            accumulate=True,
-        )
+        self._add_scores(d.key_slots[s.rows].flatten(), contrib.transpose(1, 2))
+
+    def _add_scores(self, slots: torch.Tensor, contrib: torch.Tensor) -> None:
+        """score_cache[slot, head] += contrib[..., slot, head] (slots [N], contrib [..., Hkv])."""
+        H = self.num_kv_heads
+        self.score_cache.view(-1, H).index_put_((slots,), contrib.reshape(-1, H), accumulate=True)
+
+    def _score_kernel(self, logits: torch.Tensor):
+        """The C++ score accumulation when it applies: CPU, and no ALiBi or
+        sliding window (those shape the logits per key; the torch path has them)."""
+        if logits.device.type != "cpu" or self._needs_key_positions:
+            return None
+        return accumulate_scores()
 
     # -- prefill -------------------------------------------------------------
 
@@ -231,6 +287,10 @@ class PagedAttention(nn.Module):
         spec: ScoreSpec = span.score
         H, G, S = self.num_kv_heads, self.group, span.num_keys
         keys = k.float().permute(1, 2, 0)  # [Hkv, D, S]
+        kernel = self._score_kernel(keys)
+        if kernel is not None:
+            self._score_prefill_kernel(kernel, q, keys, k_pos, span)
+            return
         kp = k_pos[0].transpose(0, 1).view(H, 1, 1, S)  # [Hkv, 1, 1, S]
         head = torch.arange(H * G, device=q.device).view(H, G, 1, 1)
         seed = torch.tensor(spec.seed, dtype=torch.int64, device=q.device)
@@ -253,9 +313,36 @@ class PagedAttention(nn.Module):
             step = (q_pos - spec.prompt_len + 1).clamp(min=0)
             tau = spec.tau_init + step * spec.tau_slope
             total += step_scores(logits, tau, noise).sum(dim=(1, 2))
-        self.score_cache.view(-1, H).index_put_(
-            (span.key_slots,), total.transpose(0, 1), accumulate=True
-        )
+        self._add_scores(span.key_slots, total.transpose(0, 1))
+
+    def _score_prefill_kernel(
+        self, kernel, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, span: PrefillSpan
+    ) -> None:
+        """The prompt's scores with the C++ accumulation: each query chunk's
+        logits stop at its last visible key, so the masked half is never computed."""
+        spec: ScoreSpec = span.score
+        H, G, S = self.num_kv_heads, self.group, span.num_keys
+        dev = q.device
+        k_pos = k_pos.contiguous()  # [1, S, Hkv] int64
+        seed = torch.tensor([spec.seed], dtype=torch.int64, device=dev)
+        use_noise = torch.tensor([spec.gumbel], device=dev)
+        table = gumbel_table(dev)
+        out = torch.zeros(1, H, G, S, dtype=torch.float32, device=dev)
+        for start in range(0, span.num_tokens, SCORE_QUERY_CHUNK):
+            qc = q[start : start + SCORE_QUERY_CHUNK].float()  # [c, Hq, D]
+            c = qc.shape[0]
+            visible = span.slot_start + start + c  # keys the chunk's last query sees
+            qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
+            logits = torch.matmul(qs, keys[:, :, :visible].unsqueeze(1)) * self.scale
+            q_pos = span.query_positions[start : start + c]
+            tau = spec.tau_init + (q_pos - spec.prompt_len + 1).clamp(min=0) * spec.tau_slope
+            num_visible = torch.arange(1, c + 1, device=dev) + (span.slot_start + start)
+            kernel(
+                out, logits.unsqueeze(0), num_visible.view(1, c), q_pos.view(1, c),
+                k_pos[:, :visible], tau.float().view(1, c), seed, use_noise,
+                self.layer_idx, table,
+            )  # fmt: skip
+        self._add_scores(span.key_slots, out[0].sum(1).transpose(0, 1))
 
     # -- shared --------------------------------------------------------------
 

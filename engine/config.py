@@ -89,7 +89,9 @@ class EngineConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
         """Read the `engine:` section of a YAML config; `overrides` win."""
         data = yaml.safe_load(Path(path).read_text()) or {}
-        section = data.get("engine", data)
+        # A file of sections (engine:, server:) or a bare engine section.
+        sectioned = "engine" in data or "server" in data
+        section = dict(data.get("engine") or {}) if sectioned else data
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:

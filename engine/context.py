@@ -65,6 +65,7 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] rows in the batch
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     key_valid: torch.Tensor  # [B, max_blocks * block_size] bool
+    num_keys: torch.Tensor  # [B] int64: valid keys (cached slots + the new one)
     query_positions: torch.Tensor  # [B]
     # Physical slot of each key [B, max_blocks * block_size]; set when scoring.
     key_slots: torch.Tensor | None = None

@@ -26,7 +26,8 @@ from kv_manager import KVCacheManager
 from kv_manager.policies import make_policy
 from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 
-PromptType = str | list[int]
+# Text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = str | list[int] | dict
 logger = logging.getLogger(__name__)
 
 
@@ -63,6 +64,10 @@ class LLMEngine:
         # token, before its stop checks; whatever it raises fails that request
         # alone, as a bug in the detokenizer or the stop checks would.
         self.fault_hook: Callable[[Request], None] | None = None
+        # High-water marks since start, taken after each step's allocation
+        # (before its eviction): what capacity figures and soaks report.
+        self.peak_running = 0
+        self.peak_kv_blocks_used = 0
 
     # -- setup ---------------------------------------------------------------
 
@@ -139,6 +144,13 @@ class LLMEngine:
         self.scheduler.add_request(request)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt forms
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: give the prompt as token ids")
@@ -184,6 +196,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        self.peak_running = max(self.peak_running, self.scheduler.num_running)
+        self.peak_kv_blocks_used = max(self.peak_kv_blocks_used, self.kv.num_used_blocks)
         specs = {}
         for chunk in sched.chunks:
             spec = chunk.request.payload.kv.score_spec(chunk.request)
@@ -222,6 +236,8 @@ class LLMEngine:
             "waiting": self.scheduler.num_waiting,
             "kv_blocks_used": self.kv.num_used_blocks,
             "kv_blocks_total": self.kv.num_total_blocks,
+            "peak_running": self.peak_running,
+            "peak_kv_blocks_used": self.peak_kv_blocks_used,
             "preemptions": self.scheduler.num_preemptions,
             "tokens_evicted": self.evictor.stats.tokens_evicted,
             "blocks_freed_by_eviction": self.evictor.stats.blocks_freed,

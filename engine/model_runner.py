@@ -116,6 +116,7 @@ class ModelRunner:
             rows=torch.tensor([row for row, _, _ in decodes], dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             key_valid=key_index.unsqueeze(0) < num_keys.unsqueeze(1),
+            num_keys=num_keys,
             query_positions=torch.tensor([c.start for _, c, _ in decodes], device=dev),
         )
         specs = [(i, score_specs.get(c.request_id)) for i, (_, c, _) in enumerate(decodes)]

@@ -6,7 +6,7 @@ import os
 import sys
 
 from engine.config import EngineConfig
-from server.limits import DEFAULT_MAX_REQUEST_BYTES
+from server.config import LOG_LEVELS, ServeConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name for clients
 # With no config file, the server runs the project's point: Keyformer eviction.
@@ -59,6 +59,21 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
     return engine_config(args.config, overrides, SERVE_DEFAULTS)
 
 
+def server_config(args: argparse.Namespace) -> ServeConfig:
+    """The server settings `keyserve serve` runs with: flags, then --config, then defaults."""
+    return ServeConfig.from_yaml(
+        args.config,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        max_request_bytes=args.max_request_bytes,
+        max_waiting=args.max_waiting,
+        allowed_origins=args.allowed_origins,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -66,31 +81,32 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import ServerSettings, create_app
     from server.drain import DrainingServer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    serve = server_config(args)
+    logging.basicConfig(level=serve.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = serve_config(args)
     engine = LLMEngine(config)
     settings = ServerSettings(
-        model_name=args.served_model_name or config.model or DEFAULT_MODEL_NAME,
+        model_name=serve.served_model_name or config.model or DEFAULT_MODEL_NAME,
         model_root=str(engine.model_path),
         api_key=args.api_key,
-        max_request_bytes=args.max_request_bytes,
-        allowed_origins=args.allowed_origins or None,
+        max_request_bytes=serve.max_request_bytes,
+        allowed_origins=serve.allowed_origins or None,
     )
-    app = create_app(engine, settings, max_waiting=args.max_waiting)
+    app = create_app(engine, settings, max_waiting=serve.max_waiting)
     uv_config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
+        host=serve.host,
+        port=serve.port,
+        log_level=serve.log_level,
         # After the drain, a few seconds for the last responses to flush.
         timeout_graceful_shutdown=5,
     )
     print(
         f"keyserve: serving {settings.model_name} (kv_policy={config.kv_policy}, "
-        f"kv_ratio={config.kv_ratio}) on http://{args.host}:{args.port}",
+        f"kv_ratio={config.kv_ratio}) on http://{serve.host}:{serve.port}",
         file=sys.stderr,
     )
-    server = DrainingServer(uv_config, app.state.engine, args.drain_timeout)
+    server = DrainingServer(uv_config, app.state.engine, serve.drain_timeout)
     server.run()
     return server.exit_code
 
@@ -113,8 +129,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", help="YAML config (see configs/default.yaml)")
     serve.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M)")
     serve.add_argument("--served-model-name", help="the model name clients send")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    # Flags with no default here take theirs from --config, then from ServeConfig.
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
+    serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument(
         "--api-key",
         default=os.environ.get("KEYSERVE_API_KEY"),
@@ -139,8 +156,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-request-bytes",
         type=_positive_int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
-        help=f"larger request bodies get 413 (default {DEFAULT_MAX_REQUEST_BYTES})",
+        help="larger request bodies get 413 (default 1 MiB)",
     )
     serve.add_argument(
         "--allowed-origins",
@@ -152,10 +168,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--drain-timeout",
         type=float,
-        default=30.0,
         help="on SIGTERM, seconds to let running requests finish (default 30)",
     )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=LOG_LEVELS)
     serve.set_defaults(func=_serve)
 
 

@@ -68,6 +68,12 @@ class ServerMetrics:
         )
         self.kv_used = gauge("keyserve:kv_blocks_used", "KV blocks in use.")
         self.kv_total = gauge("keyserve:kv_blocks_total", "KV blocks in the pool.")
+        self.peak_running = gauge(
+            "keyserve:num_requests_running_peak", "Most requests ever in one running batch."
+        )
+        self.peak_kv_used = gauge(
+            "keyserve:kv_blocks_used_peak", "Most KV blocks ever in use at once."
+        )
         self.engine_counters = {
             key: counter(name, doc) for key, (name, doc) in _ENGINE_COUNTERS.items()
         }
@@ -109,6 +115,8 @@ class ServerMetrics:
         self.kv_used.set(used)
         self.kv_total.set(total)
         self.kv_usage.set(used / total if total else 0.0)
+        self.peak_running.set(stats["peak_running"])
+        self.peak_kv_used.set(stats["peak_kv_blocks_used"])
         for key, series in self.engine_counters.items():
             delta = stats[key] - self._engine_seen[key]
             if delta > 0:

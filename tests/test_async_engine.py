@@ -58,6 +58,8 @@ class FakeEngine:
             "waiting": 0,
             "kv_blocks_used": len(self.live),
             "kv_blocks_total": 8,
+            "peak_running": len(self.live),
+            "peak_kv_blocks_used": len(self.live),
             "preemptions": 0,
             "tokens_evicted": 0,
             "blocks_freed_by_eviction": 0,

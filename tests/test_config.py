@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from engine.config import EngineConfig, parse_bytes
+from server.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,6 +13,38 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_yaml_mirrors_the_dataclass():
     data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["engine"]
     assert data == asdict(EngineConfig())
+
+
+def test_default_yaml_server_section_mirrors_serve_config():
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["server"]
+    assert data == asdict(ServeConfig())
+    # The shipped file loads as both halves.
+    assert ServeConfig.from_yaml(ROOT / "configs" / "default.yaml") == ServeConfig()
+    assert EngineConfig.from_yaml(ROOT / "configs" / "default.yaml") == EngineConfig()
+
+
+def test_server_section_alone_is_a_valid_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  max_waiting: 8\n  max_request_bytes: 4096\n")
+    assert EngineConfig.from_yaml(path) == EngineConfig()
+    serve = ServeConfig.from_yaml(path, max_waiting=None, port=9000)
+    assert (serve.max_waiting, serve.max_request_bytes, serve.port) == (8, 4096, 9000)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, field",
+    [
+        ("server:\n  max_wating: 8\n", "max_wating"),
+        ("server:\n  max_request_bytes: 0\n", "max_request_bytes"),
+        ("server:\n  port: 70000\n", "port"),
+        ("server:\n  log_level: loud\n", "log_level"),
+    ],
+)
+def test_bad_server_config_is_named(tmp_path, yaml_text, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError, match=field):
+        ServeConfig.from_yaml(path)
 
 
 def test_from_yaml_applies_overrides(tmp_path):

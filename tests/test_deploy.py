@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineConfig
 from server.cli import build_parser
+from server.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -45,7 +46,7 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
 
 
 def default_port() -> int:
-    return serve_parser().get_default("port")
+    return ServeConfig().port
 
 
 def dockerfile() -> list[tuple[str, str]]:

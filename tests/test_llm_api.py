@@ -34,6 +34,12 @@ def test_token_id_prompt_equals_text_prompt(llm):
     a = _text(llm, "The capital of France is", GREEDY)
     b = _text(llm, ids, GREEDY)
     assert a.token_ids == b.token_ids and a.text == b.text
+    # vLLM's dict forms: TokensPrompt and TextPrompt.
+    c = _text(llm, {"prompt_token_ids": ids}, GREEDY)
+    d = _text(llm, {"prompt": "The capital of France is"}, GREEDY)
+    assert c.token_ids == d.token_ids == a.token_ids
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"text": "hi"}, GREEDY)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):

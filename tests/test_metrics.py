@@ -12,6 +12,8 @@ FAMILIES = {
     "keyserve:kv_cache_usage_perc": "gauge",
     "keyserve:kv_blocks_used": "gauge",
     "keyserve:kv_blocks_total": "gauge",
+    "keyserve:num_requests_running_peak": "gauge",
+    "keyserve:kv_blocks_used_peak": "gauge",
     "keyserve:tokens_evicted": "counter",
     "keyserve:blocks_freed_by_eviction": "counter",
     "keyserve:num_preemptions": "counter",
@@ -50,6 +52,8 @@ def test_engine_counters_advance_by_what_moved():
         "waiting": 1,
         "kv_blocks_used": 3,
         "kv_blocks_total": 12,
+        "peak_running": 2,
+        "peak_kv_blocks_used": 5,
         "preemptions": 1,
         "tokens_evicted": 40,
         "blocks_freed_by_eviction": 2,
@@ -62,6 +66,7 @@ def test_engine_counters_advance_by_what_moved():
     assert value(samples, "keyserve:kv_blocks_used") == 0
     assert value(samples, "keyserve:kv_cache_usage_perc") == 0
     assert value(samples, "keyserve:num_requests_waiting") == 1
+    assert value(samples, "keyserve:kv_blocks_used_peak") == 5
 
 
 def test_live_metrics_move(live_server):
@@ -88,3 +93,6 @@ def test_live_metrics_move(live_server):
         assert moved(f"{histogram}_count") == 1, histogram
     assert value(after, "keyserve:kv_blocks_total") == live_server.engine.kv.num_total_blocks
     assert 0 <= value(after, "keyserve:kv_cache_usage_perc") <= 1
+    # The request held blocks and ran, so the high-water marks saw it.
+    assert value(after, "keyserve:kv_blocks_used_peak") >= 1
+    assert value(after, "keyserve:num_requests_running_peak") >= 1

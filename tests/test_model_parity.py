@@ -96,3 +96,14 @@ def test_preemption_recomputes_exactly(family: Family) -> None:
     outs = llm.generate(PROMPTS[::-1], GREEDY)[::-1]
     assert llm.engine.scheduler.num_preemptions > 0
     _check(llm, family, [o.outputs[0].token_ids for o in outs])
+
+
+def test_torch_decode_path_without_the_cpu_kernel(
+    family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain-torch decode (gather + SDPA) that runs where the C++ kernel
+    cannot be built, or on other devices, gives the same tokens."""
+    monkeypatch.setattr("engine.attention.paged_decode_attention", lambda: None)
+    llm = _llm(family)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    _check(llm, family, [o.outputs[0].token_ids for o in outs])

@@ -1,16 +1,28 @@
 """Keyformer's counter-based Gumbel noise and the step score."""
 
+import math
+
 import torch
 
-from kv_manager.scoring import gumbel_noise, step_scores
+from kv_manager.scoring import GUMBEL_TABLE_BITS, gumbel_noise, gumbel_table, step_scores
 
 
 def test_noise_is_finite_at_the_top_of_the_range():
-    # This input hashes to the largest 24-bit value, where a float32 uniform
-    # rounds to exactly 1 and the noise used to be +inf.
+    # This input hashes to the largest top bits, where a float32 uniform once
+    # rounded to exactly 1 and the noise was +inf.
     g = gumbel_noise(torch.tensor(7), 0, torch.tensor(1), torch.tensor(0), torch.tensor(80))
     assert torch.isfinite(g)
-    assert 17.0 < float(g) < 17.5  # -log(-log(1 - 2**-25)) = 25 ln 2
+    assert float(g) == float(gumbel_table()[-1])
+    top = -math.log(-math.log(1 - 2.0 ** -(GUMBEL_TABLE_BITS + 1)))  # about 11.78
+    assert abs(float(g) - top) < 1e-5
+
+
+def test_table_is_gumbel_quantiles():
+    table = gumbel_table().double()
+    size = 1 << GUMBEL_TABLE_BITS
+    u = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    assert torch.allclose(table, -torch.log(-torch.log(u)), atol=1e-6)
+    assert torch.isfinite(table).all() and (table.diff() > 0).all()
 
 
 def test_noise_is_finite_and_gumbel_distributed():

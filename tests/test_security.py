@@ -13,7 +13,7 @@ import pytest
 from live_server import MODEL_NAME
 
 from server import ServerSettings, build_app
-from server.cli import build_parser
+from server.cli import build_parser, serve_config, server_config
 from server.errors import check_api_key
 from server.limits import DEFAULT_MAX_REQUEST_BYTES
 
@@ -95,9 +95,9 @@ def test_the_key_never_reaches_the_logs(live_server, caplog):
 
 
 def test_binds_loopback_unless_told_otherwise():
-    args = build_parser().parse_args(["serve"])
-    assert args.host == "127.0.0.1"
-    assert build_parser().parse_args(["serve", "--host", "0.0.0.0"]).host == "0.0.0.0"
+    assert server_config(build_parser().parse_args(["serve"])).host == "127.0.0.1"
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
+    assert server_config(args).host == "0.0.0.0"
 
 
 def test_no_cors_headers_by_default(live_server):
@@ -132,18 +132,31 @@ def test_cors_only_for_the_configured_origins(live_server):
     _call(app, check)
 
 
-def test_limits_are_in_the_config():
-    args = build_parser().parse_args(["serve"])
-    assert args.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
-    assert args.allowed_origins is None
+def test_limits_are_in_the_config(tmp_path):
+    serve = server_config(build_parser().parse_args(["serve"]))
+    assert serve.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
+    assert (serve.allowed_origins, serve.max_waiting) == (None, None)
     args = build_parser().parse_args(
         ["serve", "--max-request-bytes", "4096", "--max-waiting", "8", "--max-num-seqs", "4"]
         + ["--allowed-origins", "https://a.example", "https://b.example"]
     )
-    assert (args.max_request_bytes, args.max_waiting, args.max_num_seqs) == (4096, 8, 4)
-    assert args.allowed_origins == ["https://a.example", "https://b.example"]
+    serve = server_config(args)
+    assert (serve.max_request_bytes, serve.max_waiting, args.max_num_seqs) == (4096, 8, 4)
+    assert serve.allowed_origins == ["https://a.example", "https://b.example"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-request-bytes", "0"])
+    # The same limits from a YAML file (engine: and server: sections); flags still win.
+    path = tmp_path / "limits.yaml"
+    path.write_text(
+        "engine:\n  max_num_seqs: 4\n"
+        "server:\n  max_request_bytes: 2048\n  max_waiting: 16\n"
+        "  allowed_origins: [https://a.example]\n"
+    )
+    args = build_parser().parse_args(["serve", "--config", str(path), "--max-waiting", "2"])
+    serve = server_config(args)
+    assert (serve.max_request_bytes, serve.max_waiting) == (2048, 2)
+    assert serve.allowed_origins == ["https://a.example"]
+    assert serve_config(args).max_num_seqs == 4
 
 
 def _package_sources():

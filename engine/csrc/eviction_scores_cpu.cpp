@@ -1,0 +1,143 @@
+// H2O / Keyformer score contributions on the CPU, from precomputed logits.
+//
+// The attention logits come from a BLAS matmul (prompt) or the decode kernel;
+// what is left per (query head, query, key) is elementwise: Keyformer's Gumbel
+// noise (a hash of seed, layer, head and both positions, looked up in a
+// table), the temperature, a softmax over the query's visible keys, and the
+// sum over queries. In torch that is a dozen full-size temporaries per chunk;
+// here it is one pass, and only over the causal half of a prompt.
+//
+// Op: keyserve::accumulate_scores(
+//     out [B, Hkv, G, S_out] float (added to, S_out >= S: a prompt chunk's
+//     logits stop at its last visible key), logits [B, Hkv, G, Q, S] float,
+//     num_visible [B, Q] int64 (query q sees keys [0, num_visible)),
+//     query_pos [B, Q] int64, key_pos [B, S, Hkv] int64, tau [B, Q] float,
+//     seed [B] int64, use_noise [B] bool, layer, noise_table [2^bits] float)
+// The noise must equal kv_manager.scoring.gumbel_noise bit for bit: the same
+// splitmix64 hash and the same table, indexed by the hash's top bits.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// The constants of kv_manager/scoring.py.
+constexpr uint64_t kSeed = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kLayer = 0xBF58476D1CE4E5B9ULL;
+constexpr uint64_t kHead = 0x94D049BB133111EBULL;
+constexpr uint64_t kQueryPos = 0xD6E8FEB86659FD93ULL;
+constexpr uint64_t kKeyPos = 0xA0761D6478BD642FULL;
+constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ULL;
+constexpr uint64_t kMix2 = 0x94D049BB133111EBULL;
+
+inline uint64_t finalize(uint64_t x) {
+  x = (x ^ (x >> 30)) * kMix1;
+  x = (x ^ (x >> 27)) * kMix2;
+  return x ^ (x >> 31);
+}
+
+struct Dims {
+  int64_t B, H, G, Q, S, S_out;
+};
+
+// One (sequence, KV head, query head in the group): add the scores of its Q
+// queries into out_row [S].
+void score_one(const float* logits,      // [Q, S]
+               const int64_t* visible,   // [Q]
+               const int64_t* query_pos, // [Q]
+               const int64_t* key_pos,   // [S, H] (this head at column h)
+               const float* tau,         // [Q]
+               const float* table, int table_shift, bool use_noise, uint64_t base,
+               const Dims& d, int64_t h, float* row, std::vector<float>& z) {
+  for (int64_t q = 0; q < d.Q; ++q) {
+    const int64_t n = std::min(visible[q], d.S);
+    if (n <= 0) continue;
+    const float* x = logits + q * d.S;
+    const float inv_tau = 1.f / tau[q];
+    z.resize(n);
+    if (use_noise) {
+      const uint64_t qbase = base + static_cast<uint64_t>(query_pos[q]) * kQueryPos;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint64_t hash = finalize(qbase + static_cast<uint64_t>(key_pos[j * d.H + h]) * kKeyPos);
+        z[j] = (x[j] + table[hash >> table_shift]) * inv_tau;
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) z[j] = x[j] * inv_tau;
+    }
+    const float m = *std::max_element(z.begin(), z.end());
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      z[j] = std::exp(z[j] - m);
+      sum += z[j];
+    }
+    const float inv_sum = 1.f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
+  }
+}
+
+void accumulate_scores(at::Tensor out, const at::Tensor& logits, const at::Tensor& num_visible,
+                       const at::Tensor& query_pos, const at::Tensor& key_pos,
+                       const at::Tensor& tau, const at::Tensor& seed, const at::Tensor& use_noise,
+                       int64_t layer, const at::Tensor& noise_table) {
+  TORCH_CHECK(logits.dim() == 5 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "logits: contiguous float32 [B, Hkv, G, Q, S]");
+  const Dims d{logits.size(0), logits.size(1), logits.size(2),
+               logits.size(3), logits.size(4), out.dim() == 4 ? out.size(3) : -1};
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == d.B && out.size(1) == d.H && out.size(2) == d.G &&
+                  d.S_out >= d.S && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "out: contiguous float32 [B, Hkv, G, S_out >= S]");
+  for (const auto* t : {&num_visible, &query_pos, &seed, &key_pos}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "int64 contiguous indices");
+  }
+  TORCH_CHECK(key_pos.sizes() == at::IntArrayRef({d.B, d.S, d.H}), "key_pos: [B, S, Hkv]");
+  TORCH_CHECK(tau.scalar_type() == at::kFloat && tau.is_contiguous(), "tau: float32 [B, Q]");
+  TORCH_CHECK(use_noise.scalar_type() == at::kBool && use_noise.is_contiguous(), "use_noise: bool");
+  const int64_t table_size = noise_table.numel();
+  TORCH_CHECK(table_size > 1 && (table_size & (table_size - 1)) == 0 &&
+                  noise_table.scalar_type() == at::kFloat && noise_table.is_contiguous(),
+              "noise_table: float32 of a power-of-two size");
+  const int table_shift = 64 - static_cast<int>(std::log2(static_cast<double>(table_size)));
+
+  const float* lp = logits.data_ptr<float>();
+  const int64_t* vis = num_visible.data_ptr<int64_t>();
+  const int64_t* qpos = query_pos.data_ptr<int64_t>();
+  const int64_t* kpos = key_pos.data_ptr<int64_t>();
+  const float* taup = tau.data_ptr<float>();
+  const int64_t* seeds = seed.data_ptr<int64_t>();
+  const bool* noise = use_noise.data_ptr<bool>();
+  const float* table = noise_table.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+
+  // One work item per (sequence, KV head, query head): disjoint output rows.
+  at::parallel_for(0, d.B * d.H * d.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (d.H * d.G), h = (item / d.G) % d.H, g = item % d.G;
+      const uint64_t head = static_cast<uint64_t>(h * d.G + g);
+      const uint64_t base = static_cast<uint64_t>(seeds[b]) * kSeed +
+                            static_cast<uint64_t>(layer) * kLayer + head * kHead;
+      score_one(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, kpos + b * d.S * d.H,
+                taup + b * d.Q, table, table_shift, noise[b], base, d, h, op + item * d.S_out, z);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(keyserve, m) {
+  m.def(
+      "accumulate_scores(Tensor(a!) out, Tensor logits, Tensor num_visible, Tensor query_pos, "
+      "Tensor key_pos, Tensor tau, Tensor seed, Tensor use_noise, int layer, "
+      "Tensor noise_table) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(keyserve, CPU, m) {
+  m.impl("accumulate_scores", &accumulate_scores);
+}

@@ -1,0 +1,67 @@
+"""bench.peer.compare: the A B A B summary (medians over rounds, ratios to
+the first server) and the server command lines it starts."""
+
+from bench.peer.compare import (
+    Server,
+    keyserve_server,
+    medians_of,
+    parse_args,
+    summary,
+    vllm_server,
+)
+from server.cli import build_parser, serve_config
+
+
+def _run(label: str, round_: int, tok_s: float, running: int) -> dict:
+    return {
+        "server": label,
+        "round": round_,
+        "label": f"{label}_r{round_}",
+        "settings": {"prompt_tokens": 512, "concurrency": 16, "output_tokens": 128},
+        "completed": 8,
+        "num_requests": 8,
+        "output_throughput": tok_s,
+        "request_throughput": tok_s / 128,
+        "ttft_ms": {"p50": 100.0, "p99": 200.0},
+        "tpot_ms": {"p50": 50.0, "p99": 60.0},
+        "itl_ms": {"p50": 50.0, "p99": 70.0},
+        "peak_running": running,
+        "peak_kv_usage": 0.5,
+    }
+
+
+def test_summary_takes_medians_over_rounds_and_ratios_to_the_first():
+    args = parse_args(["--policies", "full", "keyformer", "--concurrency", "16", "--rounds", "3"])
+    servers = [Server("keyserve-full", []), Server("keyserve-keyformer", [])]
+    results = [
+        _run("keyserve-full", 1, 10.0, 8),
+        _run("keyserve-keyformer", 1, 18.0, 16),
+        _run("keyserve-full", 2, 30.0, 8),
+        _run("keyserve-keyformer", 2, 24.0, 17),
+        _run("keyserve-full", 3, 12.0, 8),
+        _run("keyserve-keyformer", 3, 20.0, 16),
+    ]
+    assert medians_of(results, "keyserve-keyformer", 512, 16)[0] == 20.0
+    text = summary(results, servers, args)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert rows["keyserve-full"].split(" | ")[1] == "12.0"
+    assert rows["keyserve-full"].rstrip(" |").endswith("1.00")
+    assert rows["keyserve-keyformer"].rstrip(" |").endswith(f"{20 / 12:.2f}")
+    assert rows["keyserve-keyformer"].split(" | ")[7] == "16.0"  # peak running, median
+
+
+def test_keyserve_command_is_a_valid_serve_invocation():
+    args = parse_args(["--kv-cache-blocks", "1152", "--kv-ratio", "0.5"])
+    server = keyserve_server("keyformer", args, 8400)
+    serve_args = server.command[server.command.index("serve") + 1 :]
+    config = serve_config(build_parser().parse_args(["serve", *serve_args]))
+    assert (config.kv_policy, config.kv_ratio, config.kv_cache_blocks) == ("keyformer", 0.5, 1152)
+    assert server.url == "http://127.0.0.1:8400"
+
+
+def test_vllm_gets_every_core_and_the_same_kv_size():
+    args = parse_args(["--kv-cache-gib", "2"])
+    server = vllm_server("/venv/bin/python", args, 8300)
+    assert server.env["VLLM_CPU_KVCACHE_SPACE"] == "2.0"
+    assert server.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "--dtype" in server.command and "float32" in server.command

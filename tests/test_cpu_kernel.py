@@ -1,0 +1,143 @@
+"""The C++ paged-decode kernel (engine/csrc/) against plain torch: the same
+attention output and logits for random caches, block tables with padding,
+ragged lengths, and every GQA grouping and head size it specializes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import cpu_kernels
+from kv_manager.scoring import gumbel_noise, gumbel_table, step_scores
+
+kernel = cpu_kernels.paged_decode_attention()
+pytestmark = pytest.mark.skipif(
+    kernel is None, reason="no C++ compiler here: the engine runs its torch decode path"
+)
+
+
+def _reference(q, k_cache, v_cache, tables, num_keys, scale):
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    keys = k_cache[tables].flatten(1, 2)  # [B, L, Hkv, D]
+    values = v_cache[tables].flatten(1, 2)
+    L = keys.shape[1]
+    valid = torch.arange(L).view(1, 1, 1, L) < num_keys.view(B, 1, 1, 1)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=valid,
+        scale=scale,
+        enable_gqa=True,
+    ).squeeze(2)
+    qs = q.view(B, Hkv, Hq // Hkv, D)
+    logits = torch.einsum("bhgd,blhd->bhgl", qs, keys).reshape(B, Hq, L) * scale
+    return out, logits, valid.view(B, 1, L)
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_dim, block_size",
+    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 8), (6, 1, 48, 16)],
+)
+def test_kernel_equals_torch(num_heads, num_kv_heads, head_dim, block_size):
+    g = torch.Generator().manual_seed(num_heads * 100 + head_dim)
+    num_blocks, max_blocks = 40, 6
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    num_keys = torch.tensor([1, block_size, max_blocks * block_size, 2 * block_size + 3])
+    B = num_keys.shape[0]
+    # Each sequence gets its own blocks in shuffled order, padded with block 0.
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(B, max_blocks, dtype=torch.long)
+    for b, n in enumerate(num_keys.tolist()):
+        used = -(-n // block_size)
+        tables[b, :used] = torch.tensor([order.pop() for _ in range(used)])
+    q = torch.randn(B, num_heads, head_dim, generator=g)
+    scale = head_dim**-0.5
+    out = torch.empty_like(q)
+    sentinel = 1234.5
+    logits = torch.full((B, num_heads, max_blocks * block_size), sentinel)
+    kernel(out, q, k_cache, v_cache, tables, num_keys, scale, logits)
+    ref_out, ref_logits, valid = _reference(q, k_cache, v_cache, tables, num_keys, scale)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    valid = valid.expand_as(logits)
+    torch.testing.assert_close(logits[valid], ref_logits[valid], rtol=1e-5, atol=1e-5)
+    assert (logits[~valid] == sentinel).all()  # padding slots untouched
+    # Without a logits buffer: the same output.
+    again = torch.empty_like(q)
+    kernel(again, q, k_cache, v_cache, tables, num_keys, scale, torch.empty(0))
+    assert torch.equal(again, out)
+
+
+def test_kernel_rejects_what_it_cannot_do():
+    q = torch.randn(1, 2, 8, dtype=torch.float64)
+    cache = torch.randn(4, 2, 2, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel(
+            q.clone(),
+            q,
+            cache,
+            cache,
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.ones(1, dtype=torch.long),
+            1.0,
+            torch.empty(0),
+        )
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+    cpu_kernels.clear_cache()
+    try:
+        assert cpu_kernels.paged_decode_attention() is None
+        assert cpu_kernels.accumulate_scores() is None
+    finally:
+        monkeypatch.delenv(cpu_kernels.DISABLE_ENV)
+        cpu_kernels.clear_cache()
+    assert cpu_kernels.paged_decode_attention() is not None
+
+
+def test_a_failed_build_falls_back(monkeypatch, tmp_path, caplog):
+    """No compiler: a warning that says why, and None (the torch path)."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    cpu_kernels.clear_cache()
+    try:
+        assert cpu_kernels.paged_decode_attention() is None
+    finally:
+        cpu_kernels.clear_cache()
+    assert "using the torch path" in caplog.text
+
+
+def test_score_accumulation_equals_torch():
+    """Keyformer's noisy tempered softmax, summed over queries, against
+    kv_manager.scoring on the same logits: ragged visibility, several
+    sequences, noise on and off, an output wider than the logits."""
+    accumulate = cpu_kernels.accumulate_scores()
+    g = torch.Generator().manual_seed(5)
+    B, H, G, Q, S, S_out, layer = 3, 2, 3, 4, 11, 13, 7
+    logits = torch.randn(B, H, G, Q, S, generator=g) * 3
+    num_visible = torch.tensor([[1, 5, 11, 11], [3, 4, 5, 6], [11, 11, 2, 9]])
+    query_pos = torch.randint(0, 1000, (B, Q), generator=g)
+    key_pos = torch.randint(0, 1000, (B, S, H), generator=g)
+    tau = torch.rand(B, Q, generator=g) + 1.0
+    seed = torch.tensor([11, -3, 2**40])
+    use_noise = torch.tensor([True, False, True])
+    out = torch.full((B, H, G, S_out), 0.25)
+    accumulate(
+        out, logits, num_visible, query_pos, key_pos, tau, seed, use_noise, layer, gumbel_table()
+    )
+    expected = torch.full((B, H, G, S_out), 0.25)
+    head = torch.arange(H * G).view(H, G, 1, 1)
+    for b in range(B):
+        x = logits[b].clone()  # [H, G, Q, S]
+        x[~(torch.arange(S).view(1, S) < num_visible[b].view(Q, 1)).expand(H, G, Q, S)] = float(
+            "-inf"
+        )
+        noise = None
+        if use_noise[b]:
+            kp = key_pos[b].transpose(0, 1).view(H, 1, 1, S)
+            noise = gumbel_noise(seed[b], layer, head, query_pos[b].view(1, 1, Q, 1), kp)
+        scores = step_scores(x, tau[b].view(1, 1, Q, 1), noise)
+        expected[b, :, :, :S] += scores.sum(2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
