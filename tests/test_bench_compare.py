@@ -1,6 +1,8 @@
 """bench.peer.compare: the A B A B summary (medians over rounds, ratios to
 the first server) and the server command lines it starts."""
 
+import pytest
+
 from bench.peer.compare import (
     Server,
     keyserve_server,
@@ -62,6 +64,8 @@ def test_keyserve_command_is_a_valid_serve_invocation():
 def test_vllm_gets_every_core_and_the_same_kv_size():
     args = parse_args(["--kv-cache-gib", "2"])
     server = vllm_server("/venv/bin/python", args, 8300)
-    assert server.env["VLLM_CPU_KVCACHE_SPACE"] == "2.0"
+    assert server.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM takes whole GiB only
     assert server.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert "--dtype" in server.command and "float32" in server.command
+    with pytest.raises(ValueError, match="whole number"):
+        vllm_server("/venv/bin/python", parse_args(["--kv-cache-gib", "1.5"]), 8300)

@@ -68,11 +68,18 @@ def vllm_server(python: str, args: argparse.Namespace, port: int) -> Server:
     ]  # fmt: skip
     env = {
         # Its best setting here (../shared/models.md): every core, none reserved.
-        "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(_whole_gib(args.kv_cache_gib)),
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
     return Server("vllm-cpu", command, env, port)
+
+
+def _whole_gib(gib: float) -> int:
+    """vLLM's CPU KV space is a whole number of GiB."""
+    if gib != int(gib) or gib < 1:
+        raise ValueError(f"--kv-cache-gib must be a whole number of GiB for vLLM, got {gib}")
+    return int(gib)
 
 
 def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
@@ -124,7 +131,11 @@ def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> li
     results = []
     loads = [(p, c) for p in args.prompt_tokens for c in args.concurrency]
     for round_ in range(1, args.rounds + 1):
-        for prompt_tokens, concurrency in loads:
+        for load_index, (prompt_tokens, concurrency) in enumerate(loads):
+            # Every server gets the same prompts within a round and load, but
+            # no prompt repeats across them: a server with a prefix cache
+            # (vLLM's is on by default) must not answer from an earlier run.
+            seed = args.seed + 1000 * round_ + load_index
             for server in servers:
                 name = f"{server.label}_p{prompt_tokens}_c{concurrency}_r{round_}"
                 print(f"== {name}", file=sys.stderr, flush=True)
@@ -136,7 +147,7 @@ def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> li
                         output_tokens=args.output_tokens,
                         num_requests=args.num_requests,
                         concurrency=concurrency,
-                        seed=args.seed,
+                        seed=seed,
                         name=name,
                         progress=False,
                     )
