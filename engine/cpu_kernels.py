@@ -100,7 +100,7 @@ def _compile_command() -> tuple[list[str], list[str]]:
     compile_flags = [
         os.environ.get("CXX", "c++"),
         "-O3",
-        "-march=native",  # the cache key includes the CPU model
+        "-march=native",  # the cache key includes the CPU model and flags
         "-fopenmp",  # ATen's parallel_for is OpenMP, as in torch's own build
         "-fno-math-errno",  # lets `omp simd` loops call glibc's vector exp
         "-shared",
@@ -123,4 +123,7 @@ def _cpu_model() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown"
-    return next((line for line in lines if line.startswith("model name")), "unknown")
+    # The model name and the instruction-set flags: "AMD EPYC" alone names
+    # several generations, and -march=native code needs the same flags.
+    keep = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or "unknown"
