@@ -35,6 +35,15 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
 
 
+def from_section(cls: type, section: dict[str, Any], what: str, overrides: dict[str, Any]) -> Any:
+    """`cls(**section)` with `overrides` that are not None on top; a key that is
+    not a field of `cls` is an error naming it (`what` says where it came from)."""
+    unknown = sorted(set(section) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}: {unknown}")
+    return cls(**{**section, **{k: v for k, v in overrides.items() if v is not None}})
+
+
 @dataclass
 class EngineConfig:
     # A folder with config.json + safetensors, a .gguf file, or None for the
@@ -92,12 +101,7 @@ class EngineConfig:
         # A file of sections (engine:, server:) or a bare engine section.
         sectioned = "engine" in data or "server" in data
         section = dict(data.get("engine") or {}) if sectioned else data
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown engine config keys in {path}: {unknown}")
-        section.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**section)
+        return from_section(cls, section, f"engine config keys in {path}", overrides)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -7,12 +7,13 @@ belongs in the environment ($KEYSERVE_API_KEY) or a flag, not in a config file
 that gets committed and mounted.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from engine.config import from_section
 from server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -48,9 +49,4 @@ class ServeConfig:
         if path is not None:
             data = yaml.safe_load(Path(path).read_text()) or {}
             section = dict(data.get("server") or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown server config keys in {path}: {unknown}")
-        section.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**section)
+        return from_section(cls, section, f"server config keys in {path}", overrides)
