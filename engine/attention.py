@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import flashinfer_attention
 from engine.context import AttentionContext, DecodeBatch, PrefillSpan, ScoreSpec
 from engine.cpu_kernels import accumulate_scores, paged_decode_attention
 from kv_manager.scoring import gumbel_noise, gumbel_table, step_scores
@@ -76,6 +77,16 @@ class PagedAttention(nn.Module):
     def _needs_key_positions(self) -> bool:
         return self.alibi_slopes is not None or self.sliding_window is not None
 
+    @property
+    def _shape(self) -> tuple[int, int, int]:
+        return self.num_heads, self.num_kv_heads, self.head_dim
+
+    def _use_flashinfer(self, q: torch.Tensor) -> bool:
+        """FlashInfer's paged kernels, where installed and applicable. Not with
+        ALiBi or a sliding window: FlashInfer measures both by slot, and after
+        eviction a key's slot is no longer its position."""
+        return not self._needs_key_positions and flashinfer_attention.available(q, self.head_dim)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
@@ -120,6 +131,10 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         # q: [B, Hq, D] -> [B, Hq, D]
         d = ctx.decode
+        if self._use_flashinfer(q):
+            out = self._decode_flashinfer(q, ctx)
+            if out is not None:
+                return out
         kernel = self._decode_kernel(q)
         if kernel is not None:
             return self._decode_in_place(kernel, q, d)
@@ -136,10 +151,31 @@ class PagedAttention(nn.Module):
         out = self._sdpa(q.unsqueeze(1), keys, values, mask, causal=False).squeeze(1)
         if d.scoring is not None:
             rows = d.scoring.rows
-            H, G = self.num_kv_heads, self.group
-            qs = q[rows].float().view(rows.shape[0], H, G, -1)  # [b, Hkv, G, D]
-            logits = torch.einsum("bhgd,blhd->bhgl", qs, keys[rows].float()) * self.scale
-            self._score_decode(logits, k_pos[rows], d)
+            self._score_decode(self._decode_logits(q[rows], keys[rows]), k_pos[rows], d)
+        return out
+
+    def _decode_logits(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Scaled q.k in float32: q [b, Hq, D], keys [b, L, Hkv, D] -> [b, Hkv, G, L]."""
+        qs = q.float().view(q.shape[0], self.num_kv_heads, self.group, -1)
+        return torch.einsum("bhgd,blhd->bhgl", qs, keys.float()) * self.scale
+
+    def _decode_flashinfer(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        """FlashInfer's paged decode, planned by the step's first layer (None if
+        it could not plan). Its kernel returns no logits: scoring rows read keys."""
+        d = ctx.decode
+        if "flashinfer_decode" not in ctx.masks:
+            ctx.masks["flashinfer_decode"] = flashinfer_attention.plan_decode(
+                d.block_tables, d.num_keys, self.k_cache.shape[1], self._shape, self.scale, q.dtype
+            )
+        wrapper = ctx.masks["flashinfer_decode"]
+        if wrapper is None:
+            return None
+        out = wrapper.run(q.contiguous(), (self.k_cache, self.v_cache))
+        if d.scoring is not None:
+            tables = d.block_tables[d.scoring.rows]
+            keys, _ = self._read(tables)
+            logits = self._decode_logits(q[d.scoring.rows], keys)
+            self._score_decode(logits, self._read_positions(tables), d)
         return out
 
     def _decode_kernel(self, q: torch.Tensor):
@@ -243,6 +279,10 @@ class PagedAttention(nn.Module):
         index: int,
     ) -> torch.Tensor:
         # q: [n, Hq, D]; k, v: [n, Hkv, D] (this chunk's own) -> [n, Hq, D]
+        if span.block_table is not None and self._use_flashinfer(q):
+            out = self._prefill_flashinfer(q, span, ctx, index)
+            if out is not None:
+                return out
         if span.block_table is not None:
             keys, values = self._read(span.block_table.unsqueeze(0))
             k, v = keys[0, : span.num_keys], values[0, : span.num_keys]
@@ -259,6 +299,28 @@ class PagedAttention(nn.Module):
             out = self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask).squeeze(0)
         if span.score is not None:
             self._score_prefill(q, k, k_pos, span)
+        return out
+
+    def _prefill_flashinfer(
+        self, q: torch.Tensor, span: PrefillSpan, ctx: AttentionContext, index: int
+    ) -> torch.Tensor | None:
+        """A later chunk of a chunked prefill, read in place by FlashInfer (None
+        if it could not plan). A whole fresh prompt attends only to its own
+        K/V and keeps SDPA's flash kernel."""
+        key = ("flashinfer_prefill", index)
+        if key not in ctx.masks:
+            ctx.masks[key] = flashinfer_attention.plan_prefill(
+                index, span.block_table, span.num_tokens, span.num_keys,
+                self.k_cache.shape[1], self._shape, self.scale, q.dtype,
+            )  # fmt: skip
+        wrapper = ctx.masks[key]
+        if wrapper is None:
+            return None
+        out = wrapper.run(q.contiguous(), (self.k_cache, self.v_cache))
+        if span.score is not None:
+            keys, _ = self._read(span.block_table.unsqueeze(0))
+            k_pos = self._span_key_positions(span)
+            self._score_prefill(q, keys[0, : span.num_keys], k_pos, span)
         return out
 
     def _span_key_positions(self, span: PrefillSpan) -> torch.Tensor:

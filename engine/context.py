@@ -79,5 +79,6 @@ class AttentionContext:
     positions: torch.Tensor  # [T] each new token's position
     prefills: list[PrefillSpan] = field(default_factory=list)
     decode: DecodeBatch | None = None
-    # Position-free masks, built by the first layer and reused by the rest.
+    # Per-step values the first layer builds and the rest reuse: position-free
+    # masks, and kernel plans over the step's page tables.
     masks: dict = field(default_factory=dict)
