@@ -25,6 +25,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp",
     Path(__file__).parent / "csrc" / "eviction_scores_cpu.cpp",
 ]
+HEADERS = [Path(__file__).parent / "csrc" / "vector_math.h"]  # part of the cache key
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
 CACHE_ENV = "KEYSERVE_KERNEL_CACHE"
 
@@ -65,7 +66,7 @@ def clear_cache() -> None:
 def _build(sources: list[Path]) -> Path:
     command = _compile_command()
     key = hashlib.sha256(
-        b"".join(s.read_bytes() for s in sources)
+        b"".join(s.read_bytes() for s in [*sources, *HEADERS])
         + repr(command).encode()
         + torch.__version__.encode()
         + _cpu_model().encode()

@@ -25,7 +25,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
+
+using keyserve::exp_nonpositive;
 
 // The constants of kv_manager/scoring.py.
 constexpr uint64_t kSeed = 0x9E3779B97F4A7C15ULL;
@@ -41,27 +45,6 @@ inline uint64_t finalize(uint64_t x) {
   x = (x ^ (x >> 30)) * kMix1;
   x = (x ^ (x >> 27)) * kMix2;
   return x ^ (x >> 31);
-}
-
-// exp(x) for the softmax's x <= 0, in plain arithmetic so that `omp simd`
-// vectorizes it (glibc's vector exp needs -ffast-math, which would also break
-// the -inf handling elsewhere): 2^t = 2^k * 2^f with k = round(t), |f| <= 1/2,
-// and 2^f by its Taylor series to the 6th power (relative error below 2e-8,
-// under float32's rounding).
-#pragma omp declare simd notinbranch
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -126.f) * 1.44269504088896341f;  // log2(e)
-  const float k = std::floor(t + 0.5f);
-  const float f = (t - k) * 0.693147180559945309f;  // ln 2
-  float p = 1.f / 720.f;
-  p = p * f + 1.f / 120.f;
-  p = p * f + 1.f / 24.f;
-  p = p * f + 1.f / 6.f;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k >= -126
-  return p * __builtin_bit_cast(float, bits);
 }
 
 struct Dims {

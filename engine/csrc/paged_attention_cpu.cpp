@@ -2,10 +2,13 @@
 //
 // The torch fallback gathers every sequence's blocks into a contiguous copy
 // per layer and then runs SDPA over the copy: the KV is read twice and
-// written once per step, and that traffic is most of a decode step. Here each
-// (sequence, KV head) work item walks its block table once for K and once for
-// V, with the query heads of its group sharing each load (GQA without
-// expanding K/V). float32 only; the caller falls back for anything else.
+// written once per step, and that traffic is most of a decode step. Here a
+// work item (a sequence, or one KV head of it when the batch is too small to
+// keep every thread busy) walks its block table once, block by block, with a
+// running ("online") softmax: each block's K rows and then its V rows are
+// read while they sit in L1, all KV heads of a row are one contiguous read,
+// and the query heads of a group share every load (GQA without expanding
+// K/V). float32 only; the caller falls back for anything else.
 //
 // Op: keyserve::paged_decode_attention(
 //     out [B, Hq, D], q [B, Hq, D], k_cache [NB, bs, Hkv, D], v_cache (same),
@@ -20,96 +23,186 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
+
+using keyserve::exp_nonpositive;
+using keyserve::f32x16;
+using keyserve::load16;
+using keyserve::store16;
+using keyserve::sum16;
+
+// Query heads per KV head that the vector code keeps in registers; models
+// with larger groups take the scalar code.
+constexpr int64_t kMaxGroup = 8;
 
 struct Shapes {
   int64_t block_size, num_kv_heads, group, head_dim, max_blocks, logits_width;
 };
 
-// Calls f(t, row) for the first n slots of a block table, where row points at
-// slot t's vector for `head`; walks block by block (no division per slot).
-template <typename F>
-inline void for_each_slot(const float* cache, const int64_t* blocks, int64_t n, const Shapes& s,
-                          int64_t head, F&& f) {
-  const int64_t row_stride = s.num_kv_heads * s.head_dim;
-  for (int64_t start = 0, j = 0; start < n; start += s.block_size, ++j) {
-    const float* base = cache + blocks[j] * s.block_size * row_stride + head * s.head_dim;
-    const int64_t count = std::min(s.block_size, n - start);
-    for (int64_t i = 0; i < count; ++i) f(start + i, base + i * row_stride);
-  }
-}
-
-// Scaled q.k for every valid key of one (sequence, KV head): scores[g * n + t].
-// D is a compile-time constant for the common head sizes (0: read it from s),
-// so the dot products unroll into straight vector code.
+// Scaled q.k of one KV head's G query heads (q [G, dim]) against `count` key
+// rows k + i * stride: scores[g * count + i]. D (a multiple of 16) is a
+// compile-time constant for the common head sizes: the queries stay in
+// vector registers and each dot product ends in one horizontal sum. D = 0: a
+// scalar loop over the runtime head size.
 template <int64_t D>
-void key_pass(const float* q, const float* k_cache, const int64_t* blocks, int64_t n,
-              const Shapes& s, int64_t head, float scale, float* scores) {
-  const int64_t G = s.group, dim = D > 0 ? D : s.head_dim;
-  for_each_slot(k_cache, blocks, n, s, head, [&](int64_t t, const float* k) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * dim;
-      float acc = 0.f;
+void block_scores(const float* q, const float* k, int64_t stride, int64_t count, int64_t G,
+                  int64_t dim, float scale, float* scores) {
+  if constexpr (D > 0) {
+    constexpr int64_t C = D / 16;
+    f32x16 qv[kMaxGroup][C];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) qv[g][c] = load16(q + g * D + 16 * c);
+    for (int64_t i = 0; i < count; ++i) {
+      f32x16 kv[C];
+      for (int64_t c = 0; c < C; ++c) kv[c] = load16(k + i * stride + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        // Two accumulators: half the dependent chain of one.
+        f32x16 even = qv[g][0] * kv[0], odd = qv[g][1] * kv[1];
+        for (int64_t c = 2; c < C; c += 2) {
+          even += qv[g][c] * kv[c];
+          odd += qv[g][c + 1] * kv[c + 1];
+        }
+        scores[g * count + i] = sum16(even + odd) * scale;
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      const float* row = k + i * stride;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * dim;
+        float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < dim; ++d) acc += qg[d] * k[d];
-      scores[g * n + t] = acc * scale;
+        for (int64_t d = 0; d < dim; ++d) acc += qg[d] * row[d];
+        scores[g * count + i] = acc * scale;
+      }
     }
-  });
-}
-
-// In place: scores -> exp(score - max), the rows' softmax numerators;
-// inv_sum[g] = 1 / their sum.
-void softmax_rows(float* scores, int64_t n, int64_t G, float* inv_sum) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* row = scores + g * n;
-    const float m = *std::max_element(row, row + n);
-    float sum = 0.f;
-    // Vectorized through glibc's vector math library (needs -fno-math-errno).
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n; ++t) {
-      row[t] = std::exp(row[t] - m);
-      sum += row[t];
-    }
-    inv_sum[g] = 1.f / sum;
   }
 }
 
-// out[g] = sum_t p[g, t] * v_t / sum_t p[g, t].
+// acc[g] = acc[g] * rescale[g] + sum_i p[g * count + i] * v_i, over `count`
+// value rows v + i * stride. With D fixed, the G accumulators stay in vector
+// registers for the whole block.
 template <int64_t D>
-void value_pass(const float* probs, const float* inv_sum, const float* v_cache,
-                const int64_t* blocks, int64_t n, const Shapes& s, int64_t head, float* out) {
-  const int64_t G = s.group, dim = D > 0 ? D : s.head_dim;
-  std::fill(out, out + G * dim, 0.f);
-  for_each_slot(v_cache, blocks, n, s, head, [&](int64_t t, const float* v) {
+void block_values(const float* p, const float* rescale, const float* v, int64_t stride,
+                  int64_t count, int64_t G, int64_t dim, float* acc) {
+  if constexpr (D > 0) {
+    constexpr int64_t C = D / 16;
+    f32x16 a[kMaxGroup][C];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) a[g][c] = load16(acc + g * D + 16 * c) * rescale[g];
+    for (int64_t i = 0; i < count; ++i) {
+      f32x16 vv[C];
+      for (int64_t c = 0; c < C; ++c) vv[c] = load16(v + i * stride + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        const float pg = p[g * count + i];
+        for (int64_t c = 0; c < C; ++c) a[g][c] += pg * vv[c];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) store16(acc + g * D + 16 * c, a[g][c]);
+  } else {
     for (int64_t g = 0; g < G; ++g) {
-      const float p = probs[g * n + t];
-      float* o = out + g * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) o[d] += p * v[d];
+      float* o = acc + g * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] *= rescale[g];
     }
-  });
-  for (int64_t g = 0; g < G; ++g) {
-    float* o = out + g * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] *= inv_sum[g];
+    for (int64_t i = 0; i < count; ++i) {
+      const float* row = v + i * stride;
+      for (int64_t g = 0; g < G; ++g) {
+        const float pg = p[g * count + i];
+        float* o = acc + g * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] += pg * row[d];
+      }
+    }
   }
 }
 
-// One (sequence, KV head): its G query heads' attention over n cached keys.
-template <int64_t D>
-void attend_one(const float* q, const float* k_cache, const float* v_cache,
-                const int64_t* blocks, int64_t n, const Shapes& s, int64_t head, float scale,
-                float* scores, float* inv_sum, float* logits_rows, float* out) {
-  key_pass<D>(q, k_cache, blocks, n, s, head, scale, scores);
-  if (logits_rows != nullptr) {
-    for (int64_t g = 0; g < s.group; ++g)
-      std::copy(scores + g * n, scores + (g + 1) * n, logits_rows + g * s.logits_width);
+// Asks for the next block's K and V rows while this one is computed: blocks
+// lie anywhere in the pool, so the hardware prefetcher, which follows
+// addresses within a page, starts cold at each one and the loop would wait
+// on memory (2.5x slower at 2k keys, where the KV no longer fits in cache).
+inline void prefetch_block(const float* k, const float* v, int64_t floats) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  for (int64_t i = 0; i < floats; i += kLine) {
+    __builtin_prefetch(k + i, 0, 1);  // into L2: the block is read soon, not at once
+    __builtin_prefetch(v + i, 0, 1);
   }
-  softmax_rows(scores, n, s.group, inv_sum);
-  value_pass<D>(scores, inv_sum, v_cache, blocks, n, s, head, out);
+}
+
+// Per-thread buffers, reused across work items.
+struct Scratch {
+  std::vector<float> scores, rescale, max, sum, acc;
+};
+
+// In place: one block's scores [G, count] -> exp(score - running max), with
+// the running max and sum of each query head updated and rescale[g] the
+// factor the earlier blocks' sums and accumulators shrink by.
+void online_softmax(float* scores, int64_t count, int64_t G, float* max, float* sum,
+                    float* rescale) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = scores + g * count;
+    const float new_max = std::max(max[g], *std::max_element(row, row + count));
+    float block_sum = 0.f;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t i = 0; i < count; ++i) {
+      row[i] = exp_nonpositive(row[i] - new_max);
+      block_sum += row[i];
+    }
+    // The first block: max is -inf and sum 0; the factor multiplies zeros.
+    rescale[g] = exp_nonpositive(max[g] - new_max);
+    sum[g] = sum[g] * rescale[g] + block_sum;
+    max[g] = new_max;
+  }
+}
+
+// KV heads [h0, h1) of one sequence: q, out, logits point at the sequence's
+// rows ([Hq, D], [Hq, D], [Hq, logits_width] or null).
+template <int64_t D>
+void attend_heads(const float* q, const float* k_cache, const float* v_cache,
+                  const int64_t* blocks, int64_t n, const Shapes& s, int64_t h0, int64_t h1,
+                  float scale, float* logits, float* out, Scratch& w) {
+  const int64_t G = s.group, dim = D > 0 ? D : s.head_dim, bs = s.block_size;
+  const int64_t stride = s.num_kv_heads * dim, rows = (h1 - h0) * G;
+  w.scores.resize(G * bs);
+  w.rescale.resize(G);
+  w.max.assign(rows, -std::numeric_limits<float>::infinity());
+  w.sum.assign(rows, 0.f);
+  w.acc.assign(rows * dim, 0.f);
+  const int64_t block_floats = bs * stride;
+  for (int64_t start = 0, j = 0; start < n; start += bs, ++j) {
+    const int64_t count = std::min(bs, n - start);
+    const float* kb = k_cache + blocks[j] * block_floats;
+    const float* vb = v_cache + blocks[j] * block_floats;
+    if (start + bs < n) {
+      prefetch_block(k_cache + blocks[j + 1] * block_floats, v_cache + blocks[j + 1] * block_floats,
+                     std::min(bs, n - start - bs) * stride);
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t r = (h - h0) * G;  // the head's first row in the running state
+      float* sc = w.scores.data();
+      block_scores<D>(q + h * G * dim, kb + h * dim, stride, count, G, dim, scale, sc);
+      if (logits != nullptr) {
+        for (int64_t g = 0; g < G; ++g)
+          std::copy(sc + g * count, sc + (g + 1) * count,
+                    logits + (h * G + g) * s.logits_width + start);
+      }
+      online_softmax(sc, count, G, w.max.data() + r, w.sum.data() + r, w.rescale.data());
+      block_values<D>(sc, w.rescale.data(), vb + h * dim, stride, count, G, dim,
+                      w.acc.data() + r * dim);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / w.sum[r];
+    const float* a = w.acc.data() + r * dim;
+    float* o = out + (h0 * G + r) * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inv;
+  }
 }
 
 void check_inputs(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
@@ -144,20 +237,23 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   float* op = out.data_ptr<float>();
   float* lp = want_logits ? logits_out.data_ptr<float>() : nullptr;
   const float fscale = static_cast<float>(scale);
-  auto attend = D == 64 ? &attend_one<64> : D == 128 ? &attend_one<128> : &attend_one<0>;
-
-  // One work item per (sequence, KV head); each writes only its own rows.
-  at::parallel_for(0, B * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, inv_sum(s.group);
+  const bool vector = s.group <= kMaxGroup;
+  auto attend = !vector      ? &attend_heads<0>
+                : D == 64  ? &attend_heads<64>
+                : D == 128 ? &attend_heads<128>
+                           : &attend_heads<0>;
+  // A sequence per work item reads its rows whole; with fewer sequences than
+  // two per thread, split them by KV head so that every thread has work.
+  const int64_t split = B >= 2 * at::get_num_threads() ? 1 : s.num_kv_heads;
+  const int64_t heads_per_item = s.num_kv_heads / split;
+  at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.num_kv_heads, h = item % s.num_kv_heads;
+      const int64_t b = item / split, h0 = (item % split) * heads_per_item;
       const int64_t n = lens[b];
       TORCH_CHECK(n > 0 && n <= s.max_blocks * s.block_size, "num_keys out of range");
-      scores.resize(s.group * n);
-      const int64_t first = b * Hq + h * s.group;  // the group's first query head
-      float* logits_rows = lp != nullptr ? lp + first * s.logits_width : nullptr;
-      attend(qp + first * D, kp, vp, tables + b * s.max_blocks, n, s, h, fscale, scores.data(),
-             inv_sum.data(), logits_rows, op + first * D);
+      attend(qp + b * Hq * D, kp, vp, tables + b * s.max_blocks, n, s, h0, h0 + heads_per_item,
+             fscale, lp != nullptr ? lp + b * Hq * s.logits_width : nullptr, op + b * Hq * D, w);
     }
   });
 }
