@@ -18,15 +18,14 @@ import asyncio
 import json
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from bench.server_process import free_port, keyserve_command, start_server, stop_server
 
 POLICIES = ["full", "window", "streaming", "h2o", "keyformer"]
 # Mixed lengths: from a few tokens to a few hundred.
@@ -303,28 +302,6 @@ def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
-def _start_server(serve_args: list[str]) -> tuple[subprocess.Popen, str]:
-    """`keyserve serve` on a free loopback port; returns (process, url) once it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *serve_args]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start within 300 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -343,7 +320,9 @@ def main() -> None:
     proc = None
     url, pid = args.url, args.pid
     if args.serve is not None:
-        proc, url = _start_server(shlex.split(args.serve))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(keyserve_command(port, *shlex.split(args.serve)), url, timeout=300)
         pid = proc.pid
     try:
         report = asyncio.run(
@@ -359,9 +338,7 @@ def main() -> None:
             )
         )
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        stop_server(proc)
     print(json.dumps(report.as_dict(), indent=2))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -25,14 +25,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.serve import render_table, run_load, write_results
+from bench.server_process import keyserve_command, start_server, stop_server
 
 MODEL_NAME = "smollm2"
 
@@ -88,43 +86,27 @@ def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
         if args.kv_cache_blocks
         else ["--kv-cache-bytes", f"{int(args.kv_cache_gib * 1024)}MiB"]
     )
-    command = [
-        sys.executable, "-m", "server.cli", "serve",
-        "--port", str(port),
+    command = keyserve_command(
+        port,
         "--served-model-name", MODEL_NAME,
         "--kv-policy", policy,
         "--kv-ratio", str(args.kv_ratio),
         "--max-num-seqs", str(args.max_num_seqs),
         "--log-level", "warning",
         *pool,
-    ]  # fmt: skip
+    )  # fmt: skip
     return Server(f"keyserve-{policy}", command, {}, port)
 
 
 def start(server: Server, log_dir: Path, timeout: float = 600) -> None:
     log = open(log_dir / f"{server.label}.log", "w")  # noqa: SIM115 (lives with the process)
-    env = {**os.environ, **server.env}
-    server.process = subprocess.Popen(server.command, env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.label} exited; see {log.name}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{server.label} did not start in {timeout} s; see {log.name}")
+    server.process = start_server(
+        server.command, server.url, env=server.env, log=log, timeout=timeout, label=server.label
+    )
 
 
 def stop(server: Server) -> None:
-    if server.process is not None and server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
+    stop_server(server.process)
 
 
 def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> list[dict]:
