@@ -1,16 +1,13 @@
 """POST /v1/chat/completions: messages through the model's chat template, then generate."""
 
-import uuid
-from collections.abc import AsyncIterator
-
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from engine import RequestOutput
 from engine.outputs import Logprob
 from engine.tokenizer import Tokenizer
-from server.async_engine import AsyncEngine, RequestGroup
-from server.errors import APIError, BadRequestError, bad_request_from, error_response
-from server.params import build_sampling_params, check_model, fan_out, usage_of
+from server.errors import BadRequestError
+from server.params import build_sampling_params, check_model
 from server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -23,20 +20,10 @@ from server.protocol import (
     ChatStreamChoice,
     DeltaMessage,
     TopLogprob,
+    UsageInfo,
 )
-from server.streaming import (
-    DONE,
-    AbortingStreamingResponse,
-    Deltas,
-    collect_or_abort,
-    raise_if_failed,
-    sse,
-    sse_error,
-)
-
-_FIELDS = set(ChatCompletionRequest.model_fields)
-# The engine speaks of "prompt"; a chat client wrote "messages".
-_ALIASES = {"prompt": "messages"}
+from server.serving import Delta, GenerationServer
+from server.streaming import sse
 
 
 def render_messages(
@@ -72,38 +59,28 @@ def _validate(request: ChatCompletionRequest) -> None:
         raise BadRequestError("top_logprobs needs logprobs set to true", "top_logprobs")
 
 
-class ChatServer:
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer | None, model_name: str) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-
-    async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
-        """The response, or an OpenAI error object: a client's mistake is a 4xx body."""
-        try:
-            return await self._create(request, raw)
-        except APIError as e:
-            return error_response(e)
+class ChatServer(GenerationServer):
+    id_prefix = "chatcmpl"
+    fields = set(ChatCompletionRequest.model_fields)
+    # The engine speaks of "prompt"; a chat client wrote "messages".
+    aliases = {"prompt": "messages"}
 
     async def _create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         check_model(request.model, self.model_name)
         _validate(request)
         prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt)
         max_tokens = request.max_completion_tokens or request.max_tokens  # None: to the context
-        top_n = (request.top_logprobs or 0) if request.logprobs else None
-        params = build_sampling_params(request, max_tokens, top_n)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        try:
-            group = await self.engine.add(fan_out(request_id, [prompt], params, request.n))
-        except ValueError as e:
-            raise bad_request_from(e, _FIELDS, _ALIASES) from e
-        if request.stream:
-            return AbortingStreamingResponse(self._stream(request, request_id, group), group.abort)
-        outputs = await collect_or_abort(raw, group)
-        if outputs is None:
-            return Response(status_code=499)  # nobody is listening
-        for out in outputs:
-            raise_if_failed(out)
+        params = build_sampling_params(request, max_tokens, _top_n(request))
+        return await self._generate(request, raw, [prompt], params)
+
+    def _response(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        outputs: list[RequestOutput],
+        usage: UsageInfo,
+    ) -> ChatCompletionResponse:
+        top_n = _top_n(request)
         choices = []
         for i, out in enumerate(outputs):
             c = out.outputs[0]
@@ -119,57 +96,53 @@ class ChatServer:
                     stop_reason=c.stop_reason,
                 )
             )
-        body = ChatCompletionResponse(
-            id=request_id,
-            model=self.model_name,
-            choices=choices,
-            usage=usage_of(outputs, request.n),
+        return ChatCompletionResponse(
+            id=request_id, model=self.model_name, choices=choices, usage=usage
         )
-        return JSONResponse(body.model_dump())
 
-    async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, group: RequestGroup
-    ) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatStreamChoice], usage=None) -> str:
-            return sse(
-                ChatCompletionStreamResponse(
-                    id=request_id, model=self.model_name, choices=choices, usage=usage
-                )
+    def _chunk(
+        self, request_id: str, choices: list[ChatStreamChoice], usage: UsageInfo | None = None
+    ) -> str:
+        return sse(
+            ChatCompletionStreamResponse(
+                id=request_id, model=self.model_name, choices=choices, usage=usage
             )
+        )
 
-        top_n = (request.top_logprobs or 0) if request.logprobs else None
-        num = len(group.request_ids)
-        deltas = Deltas(num)
-        try:
-            # OpenAI opens every choice with the role, before any content.
-            for i in range(num):
-                yield chunk(
-                    [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
-                )
-            async for updates in group.updates():
-                for index, out in updates:
-                    raise_if_failed(out)  # an error event, then [DONE]; the rest is aborted
-                    c = out.outputs[0]
-                    text, start, end = deltas.take(index, out)
-                    logprobs = None
-                    if top_n is not None and c.logprobs is not None and end > start:
-                        logprobs = chat_logprobs(
-                            c.token_ids[start:end], c.logprobs[start:end], top_n
-                        )
-                    if text or logprobs or c.finish_reason:
-                        choice = ChatStreamChoice(
-                            index=index,
-                            delta=DeltaMessage(content=text or None),
-                            logprobs=logprobs,
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
-                        )
-                        yield chunk([choice])
-            if request.stream_options and request.stream_options.include_usage:
-                yield chunk([], usage_of(group.latest, request.n))
-        except APIError as e:  # the engine died mid-stream, or this request failed
-            yield sse_error(e)
-        yield DONE
+    def _opening(
+        self, request: ChatCompletionRequest, request_id: str, num_choices: int
+    ) -> list[str]:
+        # OpenAI opens every choice with the role, before any content.
+        role = DeltaMessage(role="assistant", content="")
+        return [
+            self._chunk(request_id, [ChatStreamChoice(index=i, delta=role)])
+            for i in range(num_choices)
+        ]
+
+    def _delta_events(
+        self, request: ChatCompletionRequest, request_id: str, delta: Delta, state: None
+    ) -> list[str]:
+        top_n, c = _top_n(request), delta.output.outputs[0]
+        logprobs = None
+        if top_n is not None and c.logprobs is not None and delta.end > delta.start:
+            logprobs = chat_logprobs(
+                c.token_ids[delta.start : delta.end], c.logprobs[delta.start : delta.end], top_n
+            )
+        if not (delta.text or logprobs or c.finish_reason):
+            return []
+        choice = ChatStreamChoice(
+            index=delta.index,
+            delta=DeltaMessage(content=delta.text or None),
+            logprobs=logprobs,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+        return [self._chunk(request_id, [choice])]
+
+
+def _top_n(request: ChatCompletionRequest) -> int | None:
+    """Alternatives per token when logprobs are asked for, else None."""
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 def _top(token: str, logprob: float) -> TopLogprob:

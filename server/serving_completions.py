@@ -1,36 +1,24 @@
 """POST /v1/completions: prompt(s) in, text out, streamed or whole."""
 
-import uuid
-from collections.abc import AsyncIterator
-
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine import RequestOutput
 from engine.llm_engine import PromptType
 from engine.outputs import Logprob
-from engine.tokenizer import Tokenizer
-from server.async_engine import AsyncEngine, RequestGroup
-from server.errors import APIError, BadRequestError, bad_request_from, error_response
-from server.params import build_sampling_params, check_model, fan_out, usage_of
+from server.errors import BadRequestError
+from server.params import build_sampling_params, check_model
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    UsageInfo,
 )
-from server.streaming import (
-    DONE,
-    AbortingStreamingResponse,
-    Deltas,
-    collect_or_abort,
-    raise_if_failed,
-    sse,
-    sse_error,
-)
+from server.serving import Delta, GenerationServer
+from server.streaming import sse
 
-_FIELDS = set(CompletionRequest.model_fields)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
@@ -45,18 +33,17 @@ def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[P
     return list(prompt)
 
 
-class CompletionServer:
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer | None, model_name: str) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.model_name = model_name
+class _StreamState:
+    """Per stream: choices whose echo went out, and each choice's next text_offset."""
 
-    async def create(self, request: CompletionRequest, raw: Request) -> Response:
-        """The response, or an OpenAI error object: a client's mistake is a 4xx body."""
-        try:
-            return await self._create(request, raw)
-        except APIError as e:
-            return error_response(e)
+    def __init__(self, num_choices: int) -> None:
+        self.echoed: set[int] = set()
+        self.offsets = [0] * num_choices
+
+
+class CompletionServer(GenerationServer):
+    id_prefix = "cmpl"
+    fields = set(CompletionRequest.model_fields)
 
     async def _create(self, request: CompletionRequest, raw: Request) -> Response:
         check_model(request.model, self.model_name)
@@ -70,26 +57,19 @@ class CompletionServer:
         prompts = prompt_list(request.prompt)
         max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
         params = build_sampling_params(request, max_tokens, request.logprobs)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        try:
-            group = await self.engine.add(fan_out(request_id, prompts, params, request.n))
-        except ValueError as e:
-            raise bad_request_from(e, _FIELDS) from e
-        if request.stream:
-            return AbortingStreamingResponse(self._stream(request, request_id, group), group.abort)
-        outputs = await collect_or_abort(raw, group)
-        if outputs is None:
-            return Response(status_code=499)  # nobody is listening
-        for out in outputs:
-            raise_if_failed(out)
+        return await self._generate(request, raw, prompts, params)
+
+    def _response(
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        outputs: list[RequestOutput],
+        usage: UsageInfo,
+    ) -> CompletionResponse:
         choices = [self._choice(request, i, out) for i, out in enumerate(outputs)]
-        body = CompletionResponse(
-            id=request_id,
-            model=self.model_name,
-            choices=choices,
-            usage=usage_of(outputs, request.n),
+        return CompletionResponse(
+            id=request_id, model=self.model_name, choices=choices, usage=usage
         )
-        return JSONResponse(body.model_dump())
 
     def _echo(self, output: RequestOutput) -> str:
         if output.prompt is not None:
@@ -112,51 +92,46 @@ class CompletionServer:
             stop_reason=c.stop_reason,
         )
 
-    async def _stream(
-        self, request: CompletionRequest, request_id: str, group: RequestGroup
-    ) -> AsyncIterator[str]:
-        def chunk(choices: list[CompletionChoice], usage=None) -> str:
-            return sse(
-                CompletionStreamResponse(
-                    id=request_id, model=self.model_name, choices=choices, usage=usage
-                )
+    def _chunk(
+        self, request_id: str, choices: list[CompletionChoice], usage: UsageInfo | None = None
+    ) -> str:
+        return sse(
+            CompletionStreamResponse(
+                id=request_id, model=self.model_name, choices=choices, usage=usage
             )
+        )
 
-        deltas = Deltas(len(group.request_ids))
-        offsets = [0] * len(group.request_ids)  # text_offset of the next token, per choice
-        echoed: set[int] = set()
-        try:
-            async for updates in group.updates():
-                for index, out in updates:
-                    raise_if_failed(out)  # an error event, then [DONE]; the rest is aborted
-                    if request.echo and index not in echoed:
-                        echoed.add(index)
-                        yield chunk([CompletionChoice(index=index, text=self._echo(out))])
-                    c = out.outputs[0]
-                    text, start, end = deltas.take(index, out)
-                    logprobs = None
-                    if request.logprobs is not None and c.logprobs is not None and end > start:
-                        logprobs = completion_logprobs(
-                            c.token_ids[start:end],
-                            c.logprobs[start:end],
-                            request.logprobs,
-                            offsets[index],
-                        )
-                        offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
-                    if text or logprobs or c.finish_reason:
-                        choice = CompletionChoice(
-                            index=index,
-                            text=text,
-                            logprobs=logprobs,
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
-                        )
-                        yield chunk([choice])
-            if request.stream_options and request.stream_options.include_usage:
-                yield chunk([], usage_of(group.latest, request.n))
-        except APIError as e:  # the engine died mid-stream, or this request failed
-            yield sse_error(e)
-        yield DONE
+    def _stream_state(self, num_choices: int) -> _StreamState:
+        return _StreamState(num_choices)
+
+    def _delta_events(
+        self, request: CompletionRequest, request_id: str, delta: Delta, state: _StreamState
+    ) -> list[str]:
+        events = []
+        index, c = delta.index, delta.output.outputs[0]
+        if request.echo and index not in state.echoed:
+            state.echoed.add(index)
+            echo = CompletionChoice(index=index, text=self._echo(delta.output))
+            events.append(self._chunk(request_id, [echo]))
+        logprobs = None
+        if request.logprobs is not None and c.logprobs is not None and delta.end > delta.start:
+            logprobs = completion_logprobs(
+                c.token_ids[delta.start : delta.end],
+                c.logprobs[delta.start : delta.end],
+                request.logprobs,
+                state.offsets[index],
+            )
+            state.offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+        if delta.text or logprobs or c.finish_reason:
+            choice = CompletionChoice(
+                index=index,
+                text=delta.text,
+                logprobs=logprobs,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            events.append(self._chunk(request_id, [choice]))
+        return events
 
 
 def completion_logprobs(
