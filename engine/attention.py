@@ -358,11 +358,7 @@ class PagedAttention(nn.Module):
         seed = torch.tensor(spec.seed, dtype=torch.int64, device=q.device)
         k_slot = torch.arange(S, device=q.device)
         total = torch.zeros(H, S, dtype=torch.float32, device=q.device)
-        for start in range(0, span.num_tokens, SCORE_QUERY_CHUNK):
-            qc = q[start : start + SCORE_QUERY_CHUNK].float()  # [c, Hq, D]
-            c = qc.shape[0]
-            qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
-            logits = torch.matmul(qs, keys.unsqueeze(1)) * self.scale  # [Hkv, G, c, S]
+        for start, c, logits in self._prompt_logits(q, keys, span, causal_cut=False):
             q_pos = span.query_positions[start : start + c].view(1, 1, c, 1)
             if self.alibi_slopes is not None:
                 logits = logits + self.alibi_slopes.view(H, G, 1, 1) * (kp - q_pos)
@@ -377,6 +373,21 @@ class PagedAttention(nn.Module):
             total += step_scores(logits, tau, noise).sum(dim=(1, 2))
         self._add_scores(span.key_slots, total.transpose(0, 1))
 
+    def _prompt_logits(
+        self, q: torch.Tensor, keys: torch.Tensor, span: PrefillSpan, causal_cut: bool
+    ):
+        """Scaled float32 q.k of the chunk's queries, SCORE_QUERY_CHUNK at a time
+        (memory stays bounded): yields (first query, count c, logits [Hkv, G, c, S']).
+        keys: [Hkv, D, S]. With causal_cut, S' stops at the last key the chunk's
+        last query sees, so most of the masked half is never computed."""
+        H, G = self.num_kv_heads, self.group
+        for start in range(0, span.num_tokens, SCORE_QUERY_CHUNK):
+            qc = q[start : start + SCORE_QUERY_CHUNK].float()  # [c, Hq, D]
+            c = qc.shape[0]
+            width = span.slot_start + start + c if causal_cut else span.num_keys
+            qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
+            yield start, c, torch.matmul(qs, keys[:, :, :width].unsqueeze(1)) * self.scale
+
     def _score_prefill_kernel(
         self, kernel, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, span: PrefillSpan
     ) -> None:
@@ -390,12 +401,8 @@ class PagedAttention(nn.Module):
         use_noise = torch.tensor([spec.gumbel], device=dev)
         table = gumbel_table(dev)
         out = torch.zeros(1, H, G, S, dtype=torch.float32, device=dev)
-        for start in range(0, span.num_tokens, SCORE_QUERY_CHUNK):
-            qc = q[start : start + SCORE_QUERY_CHUNK].float()  # [c, Hq, D]
-            c = qc.shape[0]
-            visible = span.slot_start + start + c  # keys the chunk's last query sees
-            qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
-            logits = torch.matmul(qs, keys[:, :, :visible].unsqueeze(1)) * self.scale
+        for start, c, logits in self._prompt_logits(q, keys, span, causal_cut=True):
+            visible = logits.shape[-1]
             q_pos = span.query_positions[start : start + c]
             tau = spec.tau_init + (q_pos - spec.prompt_len + 1).clamp(min=0) * spec.tau_slope
             num_visible = torch.arange(1, c + 1, device=dev) + (span.slot_start + start)
