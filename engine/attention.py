@@ -348,7 +348,8 @@ class PagedAttention(nn.Module):
         """Accumulate prompt scores over query chunks, so memory stays bounded."""
         spec: ScoreSpec = span.score
         H, G, S = self.num_kv_heads, self.group, span.num_keys
-        keys = k.float().permute(1, 2, 0)  # [Hkv, D, S]
+        # Contiguous once: each query chunk's matmul reads a column range of it.
+        keys = k.float().permute(1, 2, 0).contiguous()  # [Hkv, D, S]
         kernel = self._score_kernel(keys)
         if kernel is not None:
             self._score_prefill_kernel(kernel, q, keys, k_pos, span)
@@ -381,12 +382,14 @@ class PagedAttention(nn.Module):
         keys: [Hkv, D, S]. With causal_cut, S' stops at the last key the chunk's
         last query sees, so most of the masked half is never computed."""
         H, G = self.num_kv_heads, self.group
+        # The scale goes on the queries (c x D) rather than the logits (c x S).
+        scaled = q.float() * self.scale
         for start in range(0, span.num_tokens, SCORE_QUERY_CHUNK):
-            qc = q[start : start + SCORE_QUERY_CHUNK].float()  # [c, Hq, D]
+            qc = scaled[start : start + SCORE_QUERY_CHUNK]  # [c, Hq, D]
             c = qc.shape[0]
             width = span.slot_start + start + c if causal_cut else span.num_keys
             qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
-            yield start, c, torch.matmul(qs, keys[:, :, :width].unsqueeze(1)) * self.scale
+            yield start, c, torch.matmul(qs, keys[:, :, :width].unsqueeze(1))
 
     def _score_prefill_kernel(
         self, kernel, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, span: PrefillSpan

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "vector_math.h"
@@ -52,14 +53,15 @@ struct Dims {
 };
 
 // One (sequence, KV head, query head in the group): add the scores of its Q
-// queries into out_row [S].
+// queries into out_row [S]. key_hash[j] is key j's term of the noise hash
+// (its position times kKeyPos), made once per item rather than per query.
 void score_one(const float* logits,      // [Q, S]
                const int64_t* visible,   // [Q]
                const int64_t* query_pos, // [Q]
-               const int64_t* key_pos,   // [S, H] (this head at column h)
+               const uint64_t* key_hash, // [S]
                const float* tau,         // [Q]
                const float* table, int table_shift, bool use_noise, uint64_t base,
-               const Dims& d, int64_t h, float* row, std::vector<float>& z) {
+               const Dims& d, float* row, std::vector<float>& z) {
   for (int64_t q = 0; q < d.Q; ++q) {
     const int64_t n = std::min(visible[q], d.S);
     if (n <= 0) continue;
@@ -67,20 +69,21 @@ void score_one(const float* logits,      // [Q, S]
     const float inv_tau = 1.f / tau[q];
     z.resize(n);
     float* zp = z.data();
+    float m = -std::numeric_limits<float>::infinity();
     if (use_noise) {
       const uint64_t qbase = base + static_cast<uint64_t>(query_pos[q]) * kQueryPos;
-#pragma omp simd
+#pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) {
-        const uint64_t key = static_cast<uint64_t>(key_pos[j * d.H + h]);
-        zp[j] = (x[j] + table[finalize(qbase + key * kKeyPos) >> table_shift]) * inv_tau;
+        zp[j] = (x[j] + table[finalize(qbase + key_hash[j]) >> table_shift]) * inv_tau;
+        m = std::max(m, zp[j]);
       }
     } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) zp[j] = x[j] * inv_tau;
-    }
-    float m = zp[0];
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, zp[j]);
+      for (int64_t j = 0; j < n; ++j) {
+        zp[j] = x[j] * inv_tau;
+        m = std::max(m, zp[j]);
+      }
+    }
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
@@ -129,13 +132,16 @@ void accumulate_scores(at::Tensor out, const at::Tensor& logits, const at::Tenso
   // One work item per (sequence, KV head, query head): disjoint output rows.
   at::parallel_for(0, d.B * d.H * d.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z;
+    std::vector<uint64_t> key_hash(d.S);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (d.H * d.G), h = (item / d.G) % d.H, g = item % d.G;
       const uint64_t head = static_cast<uint64_t>(h * d.G + g);
       const uint64_t base = static_cast<uint64_t>(seeds[b]) * kSeed +
                             static_cast<uint64_t>(layer) * kLayer + head * kHead;
-      score_one(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, kpos + b * d.S * d.H,
-                taup + b * d.Q, table, table_shift, noise[b], base, d, h, op + item * d.S_out, z);
+      const int64_t* keys = kpos + b * d.S * d.H + h;  // [S] at stride H
+      for (int64_t j = 0; j < d.S; ++j) key_hash[j] = static_cast<uint64_t>(keys[j * d.H]) * kKeyPos;
+      score_one(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, key_hash.data(),
+                taup + b * d.Q, table, table_shift, noise[b], base, d, op + item * d.S_out, z);
     }
   });
 }
