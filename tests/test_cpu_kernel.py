@@ -37,7 +37,9 @@ def _reference(q, k_cache, v_cache, tables, num_keys, scale):
 
 @pytest.mark.parametrize(
     "num_heads, num_kv_heads, head_dim, block_size",
-    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 8), (6, 1, 48, 16)],
+    # Vector code (head size 64 or 128, groups up to 8) and scalar code (other
+    # head sizes, or a group of 16 query heads per KV head).
+    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 8), (6, 1, 48, 16), (16, 1, 64, 16)],
 )
 def test_kernel_equals_torch(num_heads, num_kv_heads, head_dim, block_size):
     g = torch.Generator().manual_seed(num_heads * 100 + head_dim)
@@ -67,6 +69,12 @@ def test_kernel_equals_torch(num_heads, num_kv_heads, head_dim, block_size):
     again = torch.empty_like(q)
     kernel(again, q, k_cache, v_cache, tables, num_keys, scale, torch.empty(0))
     assert torch.equal(again, out)
+    # One sequence: too few to give every thread one, so work splits by KV head.
+    for b in range(B):
+        one = torch.empty_like(q[b : b + 1])
+        kernel(one, q[b : b + 1], k_cache, v_cache, tables[b : b + 1], num_keys[b : b + 1], scale,
+               torch.empty(0))  # fmt: skip
+        torch.testing.assert_close(one, ref_out[b : b + 1], rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_rejects_what_it_cannot_do():
