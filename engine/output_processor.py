@@ -6,7 +6,7 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.eviction import SequencePolicy
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampler import SampledToken, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -109,8 +109,15 @@ def make_output(request: Request, state: RequestState) -> RequestOutput:
         finish_reason=status.finish_reason,
         stop_reason=state.stop_reason,
     )
+    metrics = RequestMetrics(
+        request.arrival_time,
+        request.first_scheduled_time,
+        request.first_token_time,
+        request.last_token_time,
+        request.finished_time,
+    )
     return RequestOutput(
-        request.request_id, state.prompt, request.prompt_token_ids, [completion], finished
+        request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics
     )
 
 

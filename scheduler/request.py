@@ -62,7 +62,12 @@ class Request:
         self.slot_budget = slot_budget
         # Engine-side data (sampling params, detokenizer): opaque here.
         self.payload = payload
+        # Lifecycle times, time.monotonic() seconds (RequestOutput.metrics).
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.finished_time: float | None = None
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0

@@ -1,5 +1,6 @@
 """Continuous batching under a token budget, with chunked prefill and preemption."""
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request_id)
         request.status = status
+        request.finished_time = time.monotonic()
         return request
 
     @property
@@ -151,6 +153,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # not again after a preemption
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, 0, n, 0))
             budget -= n
@@ -170,6 +174,7 @@ class Scheduler:
         engine's; it calls `finish_request` for requests that are done.
         """
         updated = []
+        now = time.monotonic()
         for chunk in out.chunks:
             request = chunk.request
             if request.status != RequestStatus.RUNNING:
@@ -178,5 +183,8 @@ class Scheduler:
             token = sampled.get(request.request_id)
             if token is not None:
                 request.output_token_ids.append(token)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                request.last_token_time = now
                 updated.append(request)
         return updated

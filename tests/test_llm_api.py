@@ -214,3 +214,28 @@ def test_stop_strings_wait_for_min_tokens(llm):
 def test_bad_request_settings_are_named(llm, params, message):
     with pytest.raises(ValueError, match=message):
         llm.generate("Hello", params)
+
+
+def test_request_metrics_follow_the_lifecycle():
+    # One running sequence at a time: m1 waits behind m0.
+    engine = LLM(kv_cache_bytes="64MiB", max_num_seqs=1).engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("m0", "The lifecycle of a request", params)
+    engine.add_request("m1", "and of the one behind it", params)
+    seen: dict[str, list] = {"m0": [], "m1": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out.metrics)
+    first, m = seen["m0"][0], seen["m0"][-1]
+    assert first.finished_time is None and first.first_token_time is not None
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time
+    assert m.first_token_time < m.last_token_time <= m.finished_time
+    assert m.time_in_queue >= 0
+    m1 = seen["m1"][-1]
+    assert m1.first_scheduled_time >= m.finished_time
+    assert m1.time_in_queue > m.time_in_queue
+    # An abort before any token: finished, no token times.
+    engine.add_request("m2", "never mind", params)
+    out = engine.abort_request("m2")
+    assert out.metrics.finished_time is not None and out.metrics.first_token_time is None
+    assert engine.kv.num_used_blocks == 0
