@@ -28,6 +28,7 @@ from server.streaming import (
     Deltas,
     collect_or_abort,
     raise_if_failed,
+    sse,
     sse_error,
 )
 
@@ -44,6 +45,7 @@ class GenerationServer:
     """Base of CompletionServer and ChatServer."""
 
     id_prefix = ""  # "cmpl", "chatcmpl"
+    stream_response: type[BaseModel]  # the model of one stream event
     fields: set[str] = set()  # the request's field names, to name a bad one
     aliases: dict[str, str] = {}  # engine argument -> request field
 
@@ -89,7 +91,9 @@ class GenerationServer:
 
     def _chunk(self, request_id: str, choices: list, usage: UsageInfo | None = None) -> str:
         """One stream event holding `choices` (and the usage, at the end)."""
-        raise NotImplementedError
+        return sse(
+            self.stream_response(id=request_id, model=self.model_name, choices=choices, usage=usage)
+        )
 
     def _opening(self, request: Any, request_id: str, num_choices: int) -> list[str]:
         """Events sent before any output (chat: each choice's role)."""

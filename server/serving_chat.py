@@ -23,7 +23,6 @@ from server.protocol import (
     UsageInfo,
 )
 from server.serving import Delta, GenerationServer
-from server.streaming import sse
 
 
 def render_messages(
@@ -61,6 +60,7 @@ def _validate(request: ChatCompletionRequest) -> None:
 
 class ChatServer(GenerationServer):
     id_prefix = "chatcmpl"
+    stream_response = ChatCompletionStreamResponse
     fields = set(ChatCompletionRequest.model_fields)
     # The engine speaks of "prompt"; a chat client wrote "messages".
     aliases = {"prompt": "messages"}
@@ -98,15 +98,6 @@ class ChatServer(GenerationServer):
             )
         return ChatCompletionResponse(
             id=request_id, model=self.model_name, choices=choices, usage=usage
-        )
-
-    def _chunk(
-        self, request_id: str, choices: list[ChatStreamChoice], usage: UsageInfo | None = None
-    ) -> str:
-        return sse(
-            ChatCompletionStreamResponse(
-                id=request_id, model=self.model_name, choices=choices, usage=usage
-            )
         )
 
     def _opening(

@@ -17,7 +17,6 @@ from server.protocol import (
     UsageInfo,
 )
 from server.serving import Delta, GenerationServer
-from server.streaming import sse
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -43,6 +42,7 @@ class _StreamState:
 
 class CompletionServer(GenerationServer):
     id_prefix = "cmpl"
+    stream_response = CompletionStreamResponse
     fields = set(CompletionRequest.model_fields)
 
     async def _create(self, request: CompletionRequest, raw: Request) -> Response:
@@ -90,15 +90,6 @@ class CompletionServer(GenerationServer):
             logprobs=logprobs,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
-        )
-
-    def _chunk(
-        self, request_id: str, choices: list[CompletionChoice], usage: UsageInfo | None = None
-    ) -> str:
-        return sse(
-            CompletionStreamResponse(
-                id=request_id, model=self.model_name, choices=choices, usage=usage
-            )
         )
 
     def _stream_state(self, num_choices: int) -> _StreamState:

@@ -110,6 +110,17 @@ def _run_checked(llm: LLM, prompts, params) -> dict[str, list[int]]:
     return results, checker
 
 
+def check_mixed_policy_batch(llm: LLM) -> None:
+    """One request per policy in one batch, each equal to the dense reference,
+    with the cache invariants checked after every step."""
+    prompts = _prompts(5)
+    params = [_params(policy, i) for i, policy in enumerate(POLICIES)]
+    results, checker = _run_checked(llm, prompts, params)
+    assert checker.evicted_somewhere
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        assert results[str(i)] == _reference(llm, prompt, p), POLICIES[i]
+
+
 def test_mixed_policy_batch_equals_dense_reference(folder):
     llm = LLM(
         dtype="float32",
@@ -119,12 +130,7 @@ def test_mixed_policy_batch_equals_dense_reference(folder):
         kv_cache_blocks=256,
         max_num_batched_tokens=24,
     )
-    prompts = _prompts(5)
-    params = [_params(policy, i) for i, policy in enumerate(POLICIES)]
-    results, checker = _run_checked(llm, prompts, params)
-    assert checker.evicted_somewhere
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        assert results[str(i)] == _reference(llm, prompt, p), POLICIES[i]
+    check_mixed_policy_batch(llm)
     stats = llm.engine.stats()
     assert stats["tokens_evicted"] > 0 and stats["blocks_freed_by_eviction"] > 0
 

@@ -12,7 +12,7 @@ import sys
 import fake_flashinfer
 import pytest
 import torch
-from test_eviction_parity import POLICIES, _params, _prompts, _reference, _run_checked
+from test_eviction_parity import check_mixed_policy_batch
 from tiny_models import build_tiny_model, load_reference, reference_greedy
 
 from engine import LLM, SamplingParams, flashinfer_attention
@@ -105,12 +105,7 @@ def test_evicting_policies_through_flashinfer_equal_dense_reference(stand_in, tm
         model=str(folder), skip_tokenizer_init=True, dtype="float32",
         block_size=4, kv_cache_blocks=256, max_num_batched_tokens=24,
     )  # fmt: skip
-    prompts = _prompts(5)
-    params = [_params(policy, i) for i, policy in enumerate(POLICIES)]
-    results, checker = _run_checked(llm, prompts, params)
-    assert checker.evicted_somewhere
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        assert results[str(i)] == _reference(llm, prompt, p), POLICIES[i]
+    check_mixed_policy_batch(llm)
     assert stand_in["decode"] > 0 and stand_in["prefill"] > 0
 
 
