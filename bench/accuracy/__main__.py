@@ -115,15 +115,27 @@ def load_llm(args: argparse.Namespace) -> Any:
 
 
 def _git_commit() -> str:
+    """The commit of the code that runs (this file's checkout), "+dirty" when
+    it has uncommitted changes; read at the start, since a long run may
+    outlive later commits."""
+
+    def git(*words: str) -> str:
+        out = subprocess.run(["git", *words], cwd=Path(__file__).parent, capture_output=True)
+        return out.stdout.decode().strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip()
+        head, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
     except OSError:
         return ""
+    return head + ("+dirty" if changes else "")
 
 
 def _meta(
-    args: argparse.Namespace, items: list[Item], result: runner.RunResult, wall: float
+    args: argparse.Namespace,
+    items: list[Item],
+    result: runner.RunResult,
+    wall: float,
+    commit: str,
 ) -> dict:
     argv = (
         ["python", "-m", "bench.accuracy", *sys.argv[1:]] if args.command is None else args.command
@@ -138,7 +150,7 @@ def _meta(
             "prompt tokens (min/mean/max)": f"{min(lengths)}/{mean:.0f}/{max(lengths)}",
             "wall time (s)": round(wall, 1),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git commit": _git_commit(),
+            "git commit": commit,
             "machine": f"{platform.machine()}, {platform.python_version()}",
         },
         "seconds_per_run": {f"{p}@{b}": round(s, 2) for (p, b), s in result.seconds.items()},
@@ -161,6 +173,7 @@ SCORERS = {
 def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
     """Run the harness; `llm` may be injected (tests), else the model is loaded."""
     start = time.perf_counter()
+    commit = _git_commit()
     args = parse_args(argv)
     args.command = None if argv is None else ["python", "-m", "bench.accuracy", *argv]
     llm = llm if llm is not None else load_llm(args)
@@ -171,7 +184,7 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
     result = runner.run(llm, items, runner.configs(args.policies, args.budgets))
     scores = runner.score_all(items, result, SCORERS)
     stats = getattr(getattr(llm, "engine", None), "stats", None)
-    meta = _meta(args, items, result, time.perf_counter() - start)
+    meta = _meta(args, items, result, time.perf_counter() - start, commit)
     if stats is not None:
         meta["engine_stats"] = stats()
         if meta["engine_stats"].get("preemptions"):
