@@ -1,0 +1,54 @@
+"""python -m bench.decode_attention: the CPU decode-attention kernel alone,
+over a 30-layer cache of SmolLM2's shape (9 query / 3 KV heads, D = 64), one
+decode step's worth of calls with each layer's KV in its own memory, so that
+it is read from DRAM as in serving. Prints ms per step and GB/s of K and V.
+
+Used for the before/after figures in bench/README.md (one thread, run A B A B
+against the previous commit's kernel).
+"""
+
+import argparse
+import time
+
+import torch
+
+from engine.cpu_kernels import paged_decode_attention
+
+LAYERS, HQ, HKV, D, BLOCK = 30, 9, 3, 64, 16
+SHAPES = ((16, 550, True), (8, 2304, False), (16, 1100, False))  # sequences, keys, logits
+
+
+def step_ms(kernel, k_cache, v_cache, batch: int, keys: int, logits: bool) -> float:
+    blocks = -(-keys // BLOCK)
+    tables = torch.randperm(k_cache.shape[1])[: batch * blocks].view(batch, blocks).contiguous()
+    q = torch.randn(batch, HQ, D)
+    out = torch.empty_like(q)
+    num_keys = torch.full((batch,), keys, dtype=torch.long)
+    logits_out = torch.empty(batch, HQ, blocks * BLOCK) if logits else torch.empty(0)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for layer in range(LAYERS):
+            kernel(out, q, k_cache[layer], v_cache[layer], tables, num_keys, D**-0.5, logits_out)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kernel = paged_decode_attention()
+    if kernel is None:
+        raise SystemExit("the CPU kernels are not available here (see engine/cpu_kernels.py)")
+    k_cache = torch.randn(LAYERS, 2048, BLOCK, HKV, D)
+    v_cache = torch.randn_like(k_cache)
+    for batch, keys, logits in SHAPES:
+        ms = step_ms(kernel, k_cache, v_cache, batch, keys, logits)
+        gbs = LAYERS * batch * keys * HKV * D * 4 * 2 / ms / 1e6
+        print(f"{batch} x {keys} keys, logits={logits}: {ms:.1f} ms/step, {gbs:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
