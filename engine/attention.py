@@ -17,7 +17,7 @@ from torch import nn
 from engine import flashinfer_attention
 from engine.context import AttentionContext, DecodeBatch, PrefillSpan, ScoreSpec
 from engine.cpu_kernels import accumulate_scores, paged_decode_attention
-from kv_manager.scoring import gumbel_noise, gumbel_table, step_scores
+from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
 # Prompt queries scored at once: bounds the [heads, queries, keys] logits.
 SCORE_QUERY_CHUNK = 128
@@ -235,7 +235,7 @@ class PagedAttention(nn.Module):
                 out, logits.contiguous().view(b, H, G, 1, L), d.num_keys[s.rows].view(b, 1),
                 d.query_positions[s.rows].view(b, 1), k_pos.contiguous(),
                 (s.tau_init + step * s.tau_slope).view(b, 1), s.seed, s.gumbel,
-                self.layer_idx, gumbel_table(logits.device),
+                self.layer_idx, gumbel_table(logits.device), logits.new_empty(0), False,
             )  # fmt: skip
             self._add_scores(d.key_slots[s.rows].flatten(), out.sum(2).transpose(1, 2))
             return
@@ -289,6 +289,9 @@ class PagedAttention(nn.Module):
         k_pos = None
         if self._needs_key_positions or span.score is not None:
             k_pos = self._span_key_positions(span)
+        kernel = self._score_kernel(q) if span.score is not None else None
+        if kernel is not None:
+            return self._attend_and_score_prompt(kernel, q, k, v, k_pos, span)
         if span.block_table is None and not self._needs_key_positions:
             out = self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, causal=True)
             out = out.squeeze(0)
@@ -345,15 +348,12 @@ class PagedAttention(nn.Module):
     def _score_prefill(
         self, q: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, span: PrefillSpan
     ) -> None:
-        """Accumulate prompt scores over query chunks, so memory stays bounded."""
+        """Accumulate prompt scores over query chunks, so memory stays bounded
+        (the torch path: CUDA, ALiBi, sliding windows, no C++ kernels)."""
         spec: ScoreSpec = span.score
         H, G, S = self.num_kv_heads, self.group, span.num_keys
         # Contiguous once: each query chunk's matmul reads a column range of it.
         keys = k.float().permute(1, 2, 0).contiguous()  # [Hkv, D, S]
-        kernel = self._score_kernel(keys)
-        if kernel is not None:
-            self._score_prefill_kernel(kernel, q, keys, k_pos, span)
-            return
         kp = k_pos[0].transpose(0, 1).view(H, 1, 1, S)  # [Hkv, 1, 1, S]
         head = torch.arange(H * G, device=q.device).view(H, G, 1, 1)
         seed = torch.tensor(spec.seed, dtype=torch.int64, device=q.device)
@@ -391,30 +391,45 @@ class PagedAttention(nn.Module):
             qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
             yield start, c, torch.matmul(qs, keys[:, :, :width].unsqueeze(1))
 
-    def _score_prefill_kernel(
-        self, kernel, q: torch.Tensor, keys: torch.Tensor, k_pos: torch.Tensor, span: PrefillSpan
-    ) -> None:
-        """The prompt's scores with the C++ accumulation: each query chunk's
-        logits stop at its last visible key, so the masked half is never computed."""
+    def _attend_and_score_prompt(
+        self,
+        kernel,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pos: torch.Tensor,
+        span: PrefillSpan,
+    ) -> torch.Tensor:
+        """A scored prompt chunk's attention and scores from one set of logits.
+        Per query chunk, the kernel adds the scores and turns the logits into
+        probabilities in place, and P @ V is the output: the logits are made
+        once, not once for attention and again for the scores. Each query
+        chunk stops at its last visible key, so the masked half is never
+        computed. q: [n, Hq, D]; k, v: [S, Hkv, D]; k_pos: [1, S, Hkv]."""
         spec: ScoreSpec = span.score
         H, G, S = self.num_kv_heads, self.group, span.num_keys
         dev = q.device
-        k_pos = k_pos.contiguous()  # [1, S, Hkv] int64
+        keys = k.float().permute(1, 2, 0).contiguous()  # [Hkv, D, S]
+        values = v.float().transpose(0, 1).contiguous().unsqueeze(1)  # [Hkv, 1, S, D]
+        k_pos = k_pos.contiguous()
         seed = torch.tensor([spec.seed], dtype=torch.int64, device=dev)
         use_noise = torch.tensor([spec.gumbel], device=dev)
-        table = gumbel_table(dev)
-        out = torch.zeros(1, H, G, S, dtype=torch.float32, device=dev)
+        scores = torch.zeros(1, H, G, S, dtype=torch.float32, device=dev)
+        out = torch.empty_like(q)
         for start, c, logits in self._prompt_logits(q, keys, span, causal_cut=True):
             visible = logits.shape[-1]
             q_pos = span.query_positions[start : start + c]
             tau = spec.tau_init + (q_pos - spec.prompt_len + 1).clamp(min=0) * spec.tau_slope
             num_visible = torch.arange(1, c + 1, device=dev) + (span.slot_start + start)
             kernel(
-                out, logits.unsqueeze(0), num_visible.view(1, c), q_pos.view(1, c),
-                k_pos[:, :visible], tau.float().view(1, c), seed, use_noise,
-                self.layer_idx, table,
+                scores, logits.unsqueeze(0), num_visible.view(1, c), q_pos.view(1, c),
+                k_pos[:, :visible], tau.float().view(1, c), seed, use_noise, self.layer_idx,
+                gumbel_table(dev), gumbel_exp_table(dev), True,
             )  # fmt: skip
-        self._add_scores(span.key_slots, out[0].sum(1).transpose(0, 1))
+            chunk = torch.matmul(logits, values[:, :, :visible])  # [Hkv, G, c, D]
+            out[start : start + c] = chunk.permute(2, 0, 1, 3).reshape(c, self.num_heads, -1)
+        self._add_scores(span.key_slots, scores[0].sum(1).transpose(0, 1))
+        return out
 
     # -- shared --------------------------------------------------------------
 

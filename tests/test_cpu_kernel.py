@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels
-from kv_manager.scoring import gumbel_noise, gumbel_table, step_scores
+from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
 kernel = cpu_kernels.paged_decode_attention()
 pytestmark = pytest.mark.skipif(
@@ -77,6 +77,39 @@ def test_kernel_equals_torch(num_heads, num_kv_heads, head_dim, block_size):
         torch.testing.assert_close(one, ref_out[b : b + 1], rtol=1e-5, atol=1e-5)
 
 
+def test_logit_gaps_beyond_float32_exp_range():
+    """A key whose logit is 100-300 above the others (exp of the gap is below
+    float32's range): the decode kernel's running softmax, which meets the big
+    key in a later block, and the score kernel both give torch's answer."""
+    H, D, block_size = 2, 64, 16
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(4, block_size, H, D, generator=g) * 0.1
+    v_cache = torch.randn(4, block_size, H, D, generator=g)
+    q = torch.randn(1, H, D, generator=g)
+    # Key 40 (third block) points along q, so its logit is far above the rest.
+    for h, gap in enumerate([100.0, 300.0]):
+        k_cache[2, 8, h] = q[0, h] * gap / (q[0, h] @ q[0, h]) * D**0.5
+    tables = torch.tensor([[0, 1, 2, 3]])
+    num_keys = torch.tensor([4 * block_size])
+    out = torch.empty_like(q)
+    logits = torch.empty(1, H, 4 * block_size)
+    kernel(out, q, k_cache, v_cache, tables, num_keys, D**-0.5, logits)
+    ref_out, ref_logits, _ = _reference(q, k_cache, v_cache, tables, num_keys, D**-0.5)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, v_cache[2, 8].unsqueeze(0))  # all weight on key 40
+
+    scores = torch.zeros(1, H, 1, 4 * block_size)
+    cpu_kernels.accumulate_scores()(
+        scores, ref_logits.view(1, H, 1, 1, -1).contiguous(), num_keys.view(1, 1),
+        torch.tensor([[64]]), torch.zeros(1, 4 * block_size, H, dtype=torch.long),
+        torch.ones(1, 1), torch.tensor([0]), torch.tensor([False]), 0, gumbel_table(),
+        torch.empty(0), False,
+    )  # fmt: skip
+    expected = torch.softmax(ref_logits, dim=-1).view_as(scores)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
+    assert (scores >= 0).all()
+
+
 def test_kernel_rejects_what_it_cannot_do():
     q = torch.randn(1, 2, 8, dtype=torch.float64)
     cache = torch.randn(4, 2, 2, 8, dtype=torch.float64)
@@ -133,8 +166,9 @@ def test_score_accumulation_equals_torch():
     use_noise = torch.tensor([True, False, True])
     out = torch.full((B, H, G, S_out), 0.25)
     accumulate(
-        out, logits, num_visible, query_pos, key_pos, tau, seed, use_noise, layer, gumbel_table()
-    )
+        out, logits, num_visible, query_pos, key_pos, tau, seed, use_noise, layer,
+        gumbel_table(), torch.empty(0), False,
+    )  # fmt: skip
     expected = torch.full((B, H, G, S_out), 0.25)
     head = torch.arange(H * G).view(H, G, 1, 1)
     for b in range(B):
@@ -149,3 +183,40 @@ def test_score_accumulation_equals_torch():
         scores = step_scores(x, tau[b].view(1, 1, Q, 1), noise)
         expected[b, :, :, :S] += scores.sum(2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_exp_table", [True, False])
+def test_scores_with_probabilities_written_in_place(with_exp_table):
+    """A prompt chunk's mode: the logits become softmax(logits) over each
+    query's visible keys (0 beyond) and the scores equal torch's. tau = 1 rows
+    take the e^g shortcut when the exp table is given; the tau != 1 row and
+    the run without the table take the general path."""
+    accumulate = cpu_kernels.accumulate_scores()
+    g = torch.Generator().manual_seed(9)
+    B, H, G, Q, S, layer = 2, 2, 2, 4, 9, 3
+    logits = torch.randn(B, H, G, Q, S, generator=g) * 3
+    num_visible = torch.tensor([[1, 4, 9, 9], [6, 7, 8, 9]])
+    query_pos = torch.randint(0, 500, (B, Q), generator=g)
+    key_pos = torch.randint(0, 500, (B, S, H), generator=g)
+    tau = torch.tensor([[1.0, 1.0, 1.0, 1.5], [1.0, 1.0, 1.0, 1.0]])
+    seed = torch.tensor([4, 8])
+    use_noise = torch.tensor([True, False])
+    exp_table = gumbel_exp_table() if with_exp_table else torch.empty(0)
+    out = torch.zeros(B, H, G, S)
+    probs = logits.clone()
+    accumulate(
+        out, probs, num_visible, query_pos, key_pos, tau, seed, use_noise, layer,
+        gumbel_table(), exp_table, True,
+    )  # fmt: skip
+    visible = torch.arange(S).view(1, 1, S) < num_visible.view(B, Q, 1)  # [B, Q, S]
+    visible = visible.view(B, 1, 1, Q, S).expand_as(logits)
+    masked = logits.masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(probs, torch.softmax(masked, dim=-1), rtol=1e-5, atol=1e-7)
+    head = torch.arange(H * G).view(H, G, 1, 1)
+    for b in range(B):
+        noise = None
+        if use_noise[b]:
+            kp = key_pos[b].transpose(0, 1).view(H, 1, 1, S)
+            noise = gumbel_noise(seed[b], layer, head, query_pos[b].view(1, 1, Q, 1), kp)
+        expected = step_scores(masked[b], tau[b].view(1, 1, Q, 1), noise).sum(2)
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)

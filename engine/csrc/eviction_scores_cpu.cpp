@@ -7,12 +7,20 @@
 // sum over queries. In torch that is a dozen full-size temporaries per chunk;
 // here it is one pass, and only over the causal half of a prompt.
 //
+// With write_probs (a prompt chunk), the logits are also turned in place into
+// the attention probabilities softmax(x) (0 past each query's visible keys),
+// so the caller gets the chunk's output from one more matmul, P @ V, instead
+// of running attention a second time. At tau = 1 the scores then cost no
+// second exp: softmax(x + g) = P * e^g / sum(P * e^g), with e^g read from
+// exp_table, the exponentials of noise_table's levels.
+//
 // Op: keyserve::accumulate_scores(
 //     out [B, Hkv, G, S_out] float (added to, S_out >= S: a prompt chunk's
 //     logits stop at its last visible key), logits [B, Hkv, G, Q, S] float,
 //     num_visible [B, Q] int64 (query q sees keys [0, num_visible)),
 //     query_pos [B, Q] int64, key_pos [B, S, Hkv] int64, tau [B, Q] float,
-//     seed [B] int64, use_noise [B] bool, layer, noise_table [2^bits] float)
+//     seed [B] int64, use_noise [B] bool, layer, noise_table [2^bits] float,
+//     exp_table [2^bits] float (or empty), write_probs bool)
 // The noise must equal kv_manager.scoring.gumbel_noise bit for bit: the same
 // splitmix64 hash and the same table, indexed by the hash's top bits.
 
@@ -52,54 +60,117 @@ struct Dims {
   int64_t B, H, G, Q, S, S_out;
 };
 
-// One (sequence, KV head, query head in the group): add the scores of its Q
-// queries into out_row [S]. key_hash[j] is key j's term of the noise hash
-// (its position times kKeyPos), made once per item rather than per query.
-void score_one(const float* logits,      // [Q, S]
-               const int64_t* visible,   // [Q]
-               const int64_t* query_pos, // [Q]
-               const uint64_t* key_hash, // [S]
-               const float* tau,         // [Q]
-               const float* table, int table_shift, bool use_noise, uint64_t base,
-               const Dims& d, float* row, std::vector<float>& z) {
-  for (int64_t q = 0; q < d.Q; ++q) {
-    const int64_t n = std::min(visible[q], d.S);
-    if (n <= 0) continue;
-    const float* x = logits + q * d.S;
-    const float inv_tau = 1.f / tau[q];
-    z.resize(n);
-    float* zp = z.data();
-    float m = -std::numeric_limits<float>::infinity();
-    if (use_noise) {
-      const uint64_t qbase = base + static_cast<uint64_t>(query_pos[q]) * kQueryPos;
+// What one (sequence, KV head, query head) work item reads besides its rows.
+struct Noise {
+  const float* table;      // Gumbel levels
+  const float* exp_table;  // their exponentials, or null
+  int shift;               // hash >> shift indexes both tables
+  bool on;
+  uint64_t base;            // the hash's seed, layer and head terms
+  const uint64_t* key_hash;  // [S]: each key's position term, made once per item
+};
+
+inline uint64_t query_term(int64_t query_pos) {
+  return static_cast<uint64_t>(query_pos) * kQueryPos;
+}
+
+// row[j] += softmax((x + g) / tau)_j over the n visible keys (the general
+// score; x is left as it is). z: scratch of n floats.
+void add_tempered(const float* x, int64_t n, float tau, uint64_t qbase, const Noise& noise,
+                  float* row, float* z) {
+  const float inv_tau = 1.f / tau;
+  float m = -std::numeric_limits<float>::infinity();
+  if (noise.on) {
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < n; ++j) {
-        zp[j] = (x[j] + table[finalize(qbase + key_hash[j]) >> table_shift]) * inv_tau;
-        m = std::max(m, zp[j]);
-      }
-    } else {
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < n; ++j) {
-        zp[j] = x[j] * inv_tau;
-        m = std::max(m, zp[j]);
-      }
-    }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
-      zp[j] = exp_nonpositive(zp[j] - m);
-      sum += zp[j];
+      z[j] = (x[j] + noise.table[finalize(qbase + noise.key_hash[j]) >> noise.shift]) * inv_tau;
+      m = std::max(m, z[j]);
     }
-    const float inv_sum = 1.f / sum;
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) {
+      z[j] = x[j] * inv_tau;
+      m = std::max(m, z[j]);
+    }
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = exp_nonpositive(z[j] - m);
+    sum += z[j];
+  }
+  const float inv_sum = 1.f / sum;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
+  for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
+}
+
+// x[0, n) -> softmax(x) in place; x[n, S) -> 0.
+void to_probs(float* x, int64_t n, int64_t S) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = exp_nonpositive(x[j] - m);
+    sum += x[j];
+  }
+  const float inv_sum = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= inv_sum;
+  std::fill(x + n, x + S, 0.f);
+}
+
+// row[j] += softmax(x + g)_j from p = softmax(x): p_j e^g_j, normalized.
+void add_noisy_from_probs(const float* p, int64_t n, uint64_t qbase, const Noise& noise,
+                          float* row, float* z) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = p[j] * noise.exp_table[finalize(qbase + noise.key_hash[j]) >> noise.shift];
+    sum += z[j];
+  }
+  const float inv_sum = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
+}
+
+// One work item: add the scores of its Q queries into row [S]; with
+// write_probs, leave the attention probabilities in logits.
+void score_item(float* logits,             // [Q, S]
+                const int64_t* visible,    // [Q]
+                const int64_t* query_pos,  // [Q]
+                const float* tau,          // [Q]
+                const Noise& noise, bool write_probs, const Dims& d, float* row,
+                std::vector<float>& z) {
+  z.resize(d.S);
+  for (int64_t q = 0; q < d.Q; ++q) {
+    float* x = logits + q * d.S;
+    const int64_t n = std::min(visible[q], d.S);
+    if (n <= 0) {
+      if (write_probs) std::fill(x, x + d.S, 0.f);
+      continue;
+    }
+    const uint64_t qbase = noise.base + query_term(query_pos[q]);
+    // The shortcut needs tau = 1 and, with noise, the table of e^g.
+    const bool from_probs = write_probs && tau[q] == 1.f && (!noise.on || noise.exp_table);
+    if (!from_probs) add_tempered(x, n, tau[q], qbase, noise, row, z.data());
+    if (write_probs) to_probs(x, n, d.S);
+    if (!from_probs) continue;
+    if (noise.on) {
+      add_noisy_from_probs(x, n, qbase, noise, row, z.data());
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) row[j] += x[j];
+    }
   }
 }
 
-void accumulate_scores(at::Tensor out, const at::Tensor& logits, const at::Tensor& num_visible,
+void accumulate_scores(at::Tensor out, at::Tensor logits, const at::Tensor& num_visible,
                        const at::Tensor& query_pos, const at::Tensor& key_pos,
                        const at::Tensor& tau, const at::Tensor& seed, const at::Tensor& use_noise,
-                       int64_t layer, const at::Tensor& noise_table) {
+                       int64_t layer, const at::Tensor& noise_table, const at::Tensor& exp_table,
+                       bool write_probs) {
   TORCH_CHECK(logits.dim() == 5 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "logits: contiguous float32 [B, Hkv, G, Q, S]");
   const Dims d{logits.size(0), logits.size(1), logits.size(2),
@@ -117,16 +188,21 @@ void accumulate_scores(at::Tensor out, const at::Tensor& logits, const at::Tenso
   TORCH_CHECK(table_size > 1 && (table_size & (table_size - 1)) == 0 &&
                   noise_table.scalar_type() == at::kFloat && noise_table.is_contiguous(),
               "noise_table: float32 of a power-of-two size");
+  TORCH_CHECK(exp_table.numel() == 0 ||
+                  (exp_table.numel() == table_size && exp_table.scalar_type() == at::kFloat &&
+                   exp_table.is_contiguous()),
+              "exp_table: empty, or float32 the size of noise_table");
   const int table_shift = 64 - static_cast<int>(std::log2(static_cast<double>(table_size)));
 
-  const float* lp = logits.data_ptr<float>();
+  float* lp = logits.data_ptr<float>();
   const int64_t* vis = num_visible.data_ptr<int64_t>();
   const int64_t* qpos = query_pos.data_ptr<int64_t>();
   const int64_t* kpos = key_pos.data_ptr<int64_t>();
   const float* taup = tau.data_ptr<float>();
   const int64_t* seeds = seed.data_ptr<int64_t>();
-  const bool* noise = use_noise.data_ptr<bool>();
+  const bool* noise_on = use_noise.data_ptr<bool>();
   const float* table = noise_table.data_ptr<float>();
+  const float* exps = exp_table.numel() ? exp_table.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
 
   // One work item per (sequence, KV head, query head): disjoint output rows.
@@ -136,12 +212,14 @@ void accumulate_scores(at::Tensor out, const at::Tensor& logits, const at::Tenso
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (d.H * d.G), h = (item / d.G) % d.H, g = item % d.G;
       const uint64_t head = static_cast<uint64_t>(h * d.G + g);
-      const uint64_t base = static_cast<uint64_t>(seeds[b]) * kSeed +
-                            static_cast<uint64_t>(layer) * kLayer + head * kHead;
       const int64_t* keys = kpos + b * d.S * d.H + h;  // [S] at stride H
       for (int64_t j = 0; j < d.S; ++j) key_hash[j] = static_cast<uint64_t>(keys[j * d.H]) * kKeyPos;
-      score_one(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, key_hash.data(),
-                taup + b * d.Q, table, table_shift, noise[b], base, d, op + item * d.S_out, z);
+      const Noise noise{table, exps, table_shift, noise_on[b],
+                        static_cast<uint64_t>(seeds[b]) * kSeed +
+                            static_cast<uint64_t>(layer) * kLayer + head * kHead,
+                        key_hash.data()};
+      score_item(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, taup + b * d.Q, noise,
+                 write_probs, d, op + item * d.S_out, z);
     }
   });
 }
@@ -150,9 +228,9 @@ void accumulate_scores(at::Tensor out, const at::Tensor& logits, const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(keyserve, m) {
   m.def(
-      "accumulate_scores(Tensor(a!) out, Tensor logits, Tensor num_visible, Tensor query_pos, "
-      "Tensor key_pos, Tensor tau, Tensor seed, Tensor use_noise, int layer, "
-      "Tensor noise_table) -> ()");
+      "accumulate_scores(Tensor(a!) out, Tensor(b!) logits, Tensor num_visible, "
+      "Tensor query_pos, Tensor key_pos, Tensor tau, Tensor seed, Tensor use_noise, int layer, "
+      "Tensor noise_table, Tensor exp_table, bool write_probs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(keyserve, CPU, m) {

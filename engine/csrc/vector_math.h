@@ -37,10 +37,12 @@ inline float sum16(f32x16 v) {
 // vectorizes it (glibc's vector exp needs -ffast-math, which would also break
 // the -inf handling elsewhere): 2^t = 2^k * 2^f with k = round(t), |f| <= 1/2,
 // and 2^f by its Taylor series to the 6th power (relative error below 2e-8,
-// under float32's rounding).
+// under float32's rounding). Below -87, where exp(x) leaves float32's normal
+// range, the result is 0: the clamp keeps 2^k's exponent field valid (k >=
+// -126), and a flush rather than a denormal keeps the arithmetic fast.
 #pragma omp declare simd notinbranch
 inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -126.f) * 1.44269504088896341f;  // log2(e)
+  const float t = std::max(x * 1.44269504088896341f, -126.f);  // log2(e)
   const float k = std::floor(t + 0.5f);
   const float f = (t - k) * 0.693147180559945309f;  // ln 2
   float p = 1.f / 720.f;
@@ -51,7 +53,8 @@ inline float exp_nonpositive(float x) {
   p = p * f + 1.f;
   p = p * f + 1.f;
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k >= -126
-  return p * __builtin_bit_cast(float, bits);
+  const float r = p * __builtin_bit_cast(float, bits);
+  return x < -87.f ? 0.f : r;
 }
 
 }  // namespace keyserve
