@@ -38,7 +38,8 @@
 
 namespace {
 
-using keyserve::exp_nonpositive;
+using keyserve::exp_shifted;
+using keyserve::max_of;
 
 // The constants of kv_manager/scoring.py.
 constexpr uint64_t kSeed = 0x9E3779B97F4A7C15ULL;
@@ -79,43 +80,23 @@ inline uint64_t query_term(int64_t query_pos) {
 void add_tempered(const float* x, int64_t n, float tau, uint64_t qbase, const Noise& noise,
                   float* row, float* z) {
   const float inv_tau = 1.f / tau;
-  float m = -std::numeric_limits<float>::infinity();
   if (noise.on) {
-#pragma omp simd reduction(max : m)
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       z[j] = (x[j] + noise.table[finalize(qbase + noise.key_hash[j]) >> noise.shift]) * inv_tau;
-      m = std::max(m, z[j]);
     }
   } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) {
-      z[j] = x[j] * inv_tau;
-      m = std::max(m, z[j]);
-    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = x[j] * inv_tau;
   }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    z[j] = exp_nonpositive(z[j] - m);
-    sum += z[j];
-  }
-  const float inv_sum = 1.f / sum;
+  const float inv_sum = 1.f / exp_shifted(z, z, n, max_of(z, n));
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
 }
 
 // x[0, n) -> softmax(x) in place; x[n, S) -> 0.
 void to_probs(float* x, int64_t n, int64_t S) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    x[j] = exp_nonpositive(x[j] - m);
-    sum += x[j];
-  }
-  const float inv_sum = 1.f / sum;
+  const float inv_sum = 1.f / exp_shifted(x, x, n, max_of(x, n));
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= inv_sum;
   std::fill(x + n, x + S, 0.f);

@@ -32,6 +32,8 @@
 namespace {
 
 using keyserve::exp_nonpositive;
+using keyserve::exp_shifted;
+using keyserve::max_of;
 using keyserve::f32x16;
 using keyserve::load16;
 using keyserve::store16;
@@ -147,13 +149,8 @@ void online_softmax(float* scores, int64_t count, int64_t G, float* max, float* 
                     float* rescale) {
   for (int64_t g = 0; g < G; ++g) {
     float* row = scores + g * count;
-    const float new_max = std::max(max[g], *std::max_element(row, row + count));
-    float block_sum = 0.f;
-#pragma omp simd reduction(+ : block_sum)
-    for (int64_t i = 0; i < count; ++i) {
-      row[i] = exp_nonpositive(row[i] - new_max);
-      block_sum += row[i];
-    }
+    const float new_max = std::max(max[g], max_of(row, count));
+    const float block_sum = exp_shifted(row, row, count, new_max);
     // The first block: max is -inf and sum 0; the factor multiplies zeros.
     rescale[g] = exp_nonpositive(max[g] - new_max);
     sum[g] = sum[g] * rescale[g] + block_sum;

@@ -33,28 +33,71 @@ inline float sum16(f32x16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// exp(x) for the softmax's x <= 0, in plain arithmetic so that `omp simd`
-// vectorizes it (glibc's vector exp needs -ffast-math, which would also break
-// the -inf handling elsewhere): 2^t = 2^k * 2^f with k = round(t), |f| <= 1/2,
-// and 2^f by its Taylor series to the 6th power (relative error below 2e-8,
-// under float32's rounding). Below -87, where exp(x) leaves float32's normal
-// range, the result is 0: the clamp keeps 2^k's exponent field valid (k >=
-// -126), and a flush rather than a denormal keeps the arithmetic fast.
-#pragma omp declare simd notinbranch
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x * 1.44269504088896341f, -126.f);  // log2(e)
-  const float k = std::floor(t + 0.5f);
-  const float f = (t - k) * 0.693147180559945309f;  // ln 2
-  float p = 1.f / 720.f;
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// exp(x) for the softmax's x <= 0, 16 lanes at a time in plain arithmetic
+// (a loop calling a scalar exp does not vectorize, not even std::exp under
+// `omp simd` without -ffast-math, which would also break the -inf handling
+// elsewhere): 2^t = 2^k * 2^f with k = round(t), |f| <= 1/2, and 2^f by its
+// Taylor series to the 6th power (relative error below 2e-8, under float32's
+// rounding). Below -87, where exp(x) leaves float32's normal range, the
+// result is 0: the clamp keeps 2^k's exponent field valid (k >= -126), and a
+// flush rather than a denormal keeps the arithmetic fast.
+inline f32x16 exp16_nonpositive(f32x16 x) {
+  const f32x16 zero = {};
+  f32x16 t = x * 1.44269504088896341f;  // log2(e)
+  t = t < -126.f ? zero - 126.f : t;
+  // Adding and taking away 1.5 * 2^23 rounds to the nearest integer.
+  const f32x16 k = (t + 12582912.f) - 12582912.f;
+  const f32x16 f = (t - k) * 0.693147180559945309f;  // ln 2
+  f32x16 p = zero + 1.f / 720.f;
   p = p * f + 1.f / 120.f;
   p = p * f + 1.f / 24.f;
   p = p * f + 1.f / 6.f;
   p = p * f + 0.5f;
   p = p * f + 1.f;
   p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k >= -126
-  const float r = p * __builtin_bit_cast(float, bits);
-  return x < -87.f ? 0.f : r;
+  const i32x16 bits = (__builtin_convertvector(k, i32x16) + 127) << 23;  // 2^k
+  const f32x16 r = p * reinterpret_cast<const f32x16&>(bits);
+  return x < -87.f ? zero : r;
+}
+
+// The same for one value (the lanes' formula, so a tail matches its vector).
+inline float exp_nonpositive(float x) {
+  f32x16 v = {};
+  v[0] = x;
+  return exp16_nonpositive(v)[0];
+}
+
+// max(x[0, n)), -inf for n = 0.
+inline float max_of(const float* x, int64_t n) {
+  f32x16 m = f32x16{} - __builtin_inff();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const f32x16 v = load16(x + j);
+    m = v > m ? v : m;
+  }
+  float out = m[0];
+  for (int i = 1; i < 16; ++i) out = std::max(out, m[i]);
+  for (; j < n; ++j) out = std::max(out, x[j]);
+  return out;
+}
+
+// dst[j] = exp(src[j] - m) for j < n (src may be dst); returns their sum.
+inline float exp_shifted(const float* src, float* dst, int64_t n, float m) {
+  f32x16 acc = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const f32x16 e = exp16_nonpositive(load16(src + j) - m);
+    store16(dst + j, e);
+    acc += e;
+  }
+  float sum = sum16(acc);
+  for (; j < n; ++j) {
+    dst[j] = exp_nonpositive(src[j] - m);
+    sum += dst[j];
+  }
+  return sum;
 }
 
 }  // namespace keyserve
