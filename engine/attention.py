@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import flashinfer_attention
-from engine.context import AttentionContext, DecodeBatch, PrefillSpan, ScoreSpec
+from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
 from engine.cpu_kernels import accumulate_scores, paged_decode_attention
 from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
@@ -34,6 +34,11 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         n_extra = num_heads - closest
         slopes += [extra_base ** (2 * i + 1) for i in range(n_extra)]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _pick(t: torch.Tensor, scoring: DecodeScoring) -> torch.Tensor:
+    """The scoring rows of a decode-batch tensor (no copy when that is all of them)."""
+    return t if scoring.all_rows else t[scoring.rows]
 
 
 class PagedAttention(nn.Module):
@@ -150,8 +155,9 @@ class PagedAttention(nn.Module):
             mask = self._padding_bias(ctx, valid, q.dtype)
         out = self._sdpa(q.unsqueeze(1), keys, values, mask, causal=False).squeeze(1)
         if d.scoring is not None:
-            rows = d.scoring.rows
-            self._score_decode(self._decode_logits(q[rows], keys[rows]), k_pos[rows], d)
+            s = d.scoring
+            logits = self._decode_logits(_pick(q, s), _pick(keys, s))
+            self._score_decode(logits, _pick(k_pos, s), s)
         return out
 
     def _decode_logits(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -172,10 +178,10 @@ class PagedAttention(nn.Module):
             return None
         out = wrapper.run(q.contiguous(), (self.k_cache, self.v_cache))
         if d.scoring is not None:
-            tables = d.block_tables[d.scoring.rows]
-            keys, _ = self._read(tables)
-            logits = self._decode_logits(q[d.scoring.rows], keys)
-            self._score_decode(logits, self._read_positions(tables), d)
+            s = d.scoring
+            keys, _ = self._read(s.block_tables)
+            logits = self._decode_logits(_pick(q, s), keys)
+            self._score_decode(logits, self._read_positions(s.block_tables), s)
         return out
 
     def _decode_kernel(self, q: torch.Tensor):
@@ -202,10 +208,10 @@ class PagedAttention(nn.Module):
             logits,
         )
         if d.scoring is not None:
-            rows = d.scoring.rows
-            b, H, G = rows.shape[0], self.num_kv_heads, self.group
-            k_pos = self._read_positions(d.block_tables[rows])
-            self._score_decode(logits[rows].view(b, H, G, -1), k_pos, d)
+            s = d.scoring
+            b, H, G = s.rows.shape[0], self.num_kv_heads, self.group
+            k_pos = self._read_positions(s.block_tables)
+            self._score_decode(_pick(logits, s).view(b, H, G, -1), k_pos, s)
         return out
 
     @staticmethod
@@ -221,39 +227,34 @@ class PagedAttention(nn.Module):
             ctx.masks["decode_padding"] = bias
         return ctx.masks["decode_padding"]
 
-    def _score_decode(self, logits: torch.Tensor, k_pos: torch.Tensor, d: DecodeBatch) -> None:
+    def _score_decode(self, logits: torch.Tensor, k_pos: torch.Tensor, s: DecodeScoring) -> None:
         """Add this step's scores for the scoring rows. logits: their scaled
         q.k [b, Hkv, G, L] (float32); k_pos: their key positions [b, L, Hkv]."""
-        s = d.scoring
         b, L = s.rows.shape[0], logits.shape[-1]
         H, G = self.num_kv_heads, self.group
         kernel = self._score_kernel(logits)
         if kernel is not None:
-            step = (d.query_positions[s.rows] - s.prompt_len + 1).clamp(min=0)
             out = logits.new_zeros(b, H, G, L)
             kernel(
-                out, logits.contiguous().view(b, H, G, 1, L), d.num_keys[s.rows].view(b, 1),
-                d.query_positions[s.rows].view(b, 1), k_pos.contiguous(),
-                (s.tau_init + step * s.tau_slope).view(b, 1), s.seed, s.gumbel,
-                self.layer_idx, gumbel_table(logits.device), logits.new_empty(0), False,
+                out, logits.contiguous().view(b, H, G, 1, L), s.num_keys.view(b, 1),
+                s.query_positions.view(b, 1), k_pos.contiguous(), s.tau.view(b, 1), s.seed,
+                s.gumbel, self.layer_idx, gumbel_table(logits.device), logits.new_empty(0), False,
             )  # fmt: skip
-            self._add_scores(d.key_slots[s.rows].flatten(), out.sum(2).transpose(1, 2))
+            self._add_scores(s.key_slots, out.sum(2).transpose(1, 2))
             return
         k_pos = k_pos.transpose(1, 2).unsqueeze(2)  # [b, Hkv, 1, L]
-        q_pos = d.query_positions[s.rows].view(b, 1, 1, 1)
+        q_pos = s.query_positions.view(b, 1, 1, 1)
         if self.alibi_slopes is not None:
             logits = logits + self.alibi_slopes.view(1, H, G, 1) * (k_pos - q_pos)
-        allowed = d.key_valid[s.rows].view(b, 1, 1, L)
+        allowed = s.key_valid.view(b, 1, 1, L)
         if self.sliding_window is not None:
             allowed = allowed & (k_pos > q_pos - self.sliding_window)
         logits = logits.masked_fill(~allowed, float("-inf"))
         head = torch.arange(H * G, device=logits.device).view(1, H, G, 1)
         noise = gumbel_noise(s.seed.view(b, 1, 1, 1), self.layer_idx, head, q_pos, k_pos)
         noise = noise * s.gumbel.view(b, 1, 1, 1)
-        step = (q_pos - s.prompt_len.view(b, 1, 1, 1) + 1).clamp(min=0)
-        tau = s.tau_init.view(b, 1, 1, 1) + step * s.tau_slope.view(b, 1, 1, 1)
-        contrib = step_scores(logits, tau, noise).sum(2)  # [b, Hkv, L]
-        self._add_scores(d.key_slots[s.rows].flatten(), contrib.transpose(1, 2))
+        contrib = step_scores(logits, s.tau.view(b, 1, 1, 1), noise).sum(2)  # [b, Hkv, L]
+        self._add_scores(s.key_slots, contrib.transpose(1, 2))
 
     def _add_scores(self, slots: torch.Tensor, contrib: torch.Tensor) -> None:
         """score_cache[slot, head] += contrib[..., slot, head] (slots [N], contrib [..., Hkv])."""

@@ -48,14 +48,19 @@ class PrefillSpan:
 
 @dataclass
 class DecodeScoring:
-    """Per-row score settings for the decode rows that need scores."""
+    """The decode rows that need scores, with their per-row values gathered
+    once a step (every layer reads them)."""
 
     rows: torch.Tensor  # [b] indices into the decode batch
+    all_rows: bool  # rows is the whole batch in order: no gather needed
     seed: torch.Tensor  # [b] int64
     gumbel: torch.Tensor  # [b] bool
-    prompt_len: torch.Tensor  # [b]
-    tau_init: torch.Tensor  # [b] float32
-    tau_slope: torch.Tensor  # [b] float32
+    tau: torch.Tensor  # [b] float32: this step's temperature
+    query_positions: torch.Tensor  # [b]
+    num_keys: torch.Tensor  # [b] int64
+    key_valid: torch.Tensor  # [b, L] bool
+    block_tables: torch.Tensor  # [b, max_blocks]
+    key_slots: torch.Tensor  # [b * L]: physical slot of each key, flattened
 
 
 @dataclass
@@ -67,8 +72,6 @@ class DecodeBatch:
     key_valid: torch.Tensor  # [B, max_blocks * block_size] bool
     num_keys: torch.Tensor  # [B] int64: valid keys (cached slots + the new one)
     query_positions: torch.Tensor  # [B]
-    # Physical slot of each key [B, max_blocks * block_size]; set when scoring.
-    key_slots: torch.Tensor | None = None
     scoring: DecodeScoring | None = None
 
 

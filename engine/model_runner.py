@@ -122,23 +122,38 @@ class ModelRunner:
         specs = [(i, score_specs.get(c.request_id)) for i, (_, c, _) in enumerate(decodes)]
         specs = [(i, s) for i, s in specs if s is not None]
         if specs:
-            bt = batch.block_tables
-            offsets = torch.arange(self.block_size, device=dev)
-            batch.key_slots = (bt.unsqueeze(2) * self.block_size + offsets).flatten(1)
-            batch.scoring = self._decode_scoring(specs)
+            batch.scoring = self._decode_scoring(batch, specs)
         return batch
 
-    def _decode_scoring(self, specs: list[tuple[int, ScoreSpec]]) -> DecodeScoring:
+    def _decode_scoring(
+        self, batch: DecodeBatch, specs: list[tuple[int, ScoreSpec]]
+    ) -> DecodeScoring:
         dev = self.device
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=dev)
 
+        all_rows = len(specs) == batch.rows.shape[0]
+        rows = column([i for i, _ in specs], torch.long)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if all_rows else t[rows]
+
+        positions = pick(batch.query_positions)
+        steps = (positions - column([s.prompt_len for _, s in specs], torch.long) + 1).clamp(min=0)
+        tau_init = column([s.tau_init for _, s in specs], torch.float32)
+        tau_slope = column([s.tau_slope for _, s in specs], torch.float32)
+        tables = pick(batch.block_tables)
+        offsets = torch.arange(self.block_size, device=dev)
         return DecodeScoring(
-            rows=column([i for i, _ in specs], torch.long),
+            rows=rows,
+            all_rows=all_rows,
             seed=column([s.seed for _, s in specs], torch.int64),
             gumbel=column([s.gumbel for _, s in specs], torch.bool),
-            prompt_len=column([s.prompt_len for _, s in specs], torch.long),
-            tau_init=column([s.tau_init for _, s in specs], torch.float32),
-            tau_slope=column([s.tau_slope for _, s in specs], torch.float32),
+            tau=tau_init + steps * tau_slope,
+            query_positions=positions,
+            num_keys=pick(batch.num_keys),
+            key_valid=pick(batch.key_valid),
+            block_tables=tables,
+            key_slots=(tables.unsqueeze(2) * self.block_size + offsets).flatten(),
         )
