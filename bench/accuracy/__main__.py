@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy import fewshot, report, retrieval, runner, sotu, summarization
+from bench.accuracy import fewshot, report, resume, retrieval, runner, sotu, summarization
 from bench.accuracy.common import Item
 
 TASKS = ("summarization", "fewshot", "retrieval")
@@ -56,6 +56,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sotu-tokens", type=int, default=3000, help="SOTU speeches cut to about this")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in --out and run only the items they lack "
+        "(grow a sample over several sittings: rerun with a larger --limit)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--kv-cache-bytes", default="4GiB")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -179,9 +185,14 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
     llm = llm if llm is not None else load_llm(args)
     max_len = getattr(getattr(llm, "engine", None), "max_model_len", 8192)
     items = build_items(args, llm.get_tokenizer(), max_len)
+    configs = runner.configs(args.policies, args.budgets)
+    previous = resume.load(args.out) if args.resume else None
+    if previous is not None:
+        resume.check(previous, configs)
+        items = resume.pending(items, previous)
     if not items:
         raise SystemExit("no items to run")
-    result = runner.run(llm, items, runner.configs(args.policies, args.budgets))
+    result = runner.run(llm, items, configs)
     scores = runner.score_all(items, result, SCORERS)
     stats = getattr(getattr(llm, "engine", None), "stats", None)
     meta = _meta(args, items, result, time.perf_counter() - start, commit)
@@ -189,6 +200,8 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
         meta["engine_stats"] = stats()
         if meta["engine_stats"].get("preemptions"):
             print("warning: requests were preempted; raise --kv-cache-bytes", file=sys.stderr)
+    if previous is not None:
+        scores, meta = resume.merge(previous, scores, meta)
     paths = report.write_all(args.out, scores, meta)
     print(paths["markdown"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1), file=sys.stderr)
