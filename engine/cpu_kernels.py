@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp",
     Path(__file__).parent / "csrc" / "eviction_scores_cpu.cpp",
+    Path(__file__).parent / "csrc" / "eviction_select_cpu.cpp",
 ]
 HEADERS = [Path(__file__).parent / "csrc" / "vector_math.h"]  # part of the cache key
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
@@ -56,6 +57,11 @@ def paged_decode_attention() -> Callable[..., None] | None:
 def accumulate_scores() -> Callable[..., None] | None:
     """torch.ops.keyserve.accumulate_scores, or None where it cannot be built."""
     return torch.ops.keyserve.accumulate_scores if _library() else None
+
+
+def lowest_priority_slots() -> Callable[..., torch.Tensor] | None:
+    """torch.ops.keyserve.lowest_priority_slots, or None where it cannot be built."""
+    return torch.ops.keyserve.lowest_priority_slots if _library() else None
 
 
 def clear_cache() -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.context import ScoreSpec
+from engine.cpu_kernels import lowest_priority_slots
 from engine.kv_cache import PagedKVCache
 from kv_manager import KVCacheManager
 from kv_manager.policies import EvictionPolicy, HeavyHitterPolicy, KVPolicySettings
@@ -95,6 +96,31 @@ class Evictor:
         ids = [r.request_id for r, _ in items]
         counts = [self.kv.num_slots(i) for i in ids]
         slots = self.cache.padded_slots([self.kv.block_table(i) for i in ids], counts)
+        count = torch.tensor(counts, device=slots.device)
+        victims = self._lowest_in_place(items, slots, count)
+        if victims is None:
+            victims = self._lowest_by_priority(items, slots, count)
+        self.cache.drop_one_each(slots, victims, count - 1)
+        for (r, seq), n in zip(items, counts, strict=True):
+            self._shrink(r.request_id, n, seq.budget)
+
+    def _lowest_in_place(
+        self, items: list[tuple[Request, SequencePolicy]], slots: torch.Tensor, count: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Victims [B, L, H] from the C++ selection, which reads the cache in
+        place: on the CPU, for a batch of score-based policies (None otherwise)."""
+        kernel = lowest_priority_slots() if slots.device.type == "cpu" else None
+        if kernel is None or not all(isinstance(s.policy, HeavyHitterPolicy) for _, s in items):
+            return None
+        starts = [s.policy.recent_start(s.budget, r.num_computed_tokens) for r, s in items]
+        L, _, _, H = self.cache.scores.shape
+        scores, positions = self.cache.scores.view(L, -1, H), self.cache.positions.view(L, -1, H)
+        return kernel(scores, positions, slots, count, torch.tensor(starts))
+
+    def _lowest_by_priority(
+        self, items: list[tuple[Request, SequencePolicy]], slots: torch.Tensor, count: torch.Tensor
+    ) -> torch.Tensor:
+        """Victims [B, L, H] from each policy's keep-priorities, in torch."""
         scores, positions = self.cache.read_slot_state_batch(slots)  # [B, L, H, S]
         priority = torch.stack(
             [
@@ -102,16 +128,12 @@ class Evictor:
                 for i, (r, seq) in enumerate(items)
             ]
         )
-        count = torch.tensor(counts, device=slots.device)
         valid = torch.arange(slots.shape[1], device=slots.device) < count.view(-1, 1)
         valid = valid.view(len(items), 1, 1, -1)
         priority = priority.masked_fill(~valid, float("inf"))
         lowest = priority == priority.amin(dim=-1, keepdim=True)
         never = torch.iinfo(positions.dtype).max
-        victims = positions.masked_fill(~(lowest & valid), never).argmin(dim=-1)  # [B, L, H]
-        self.cache.drop_one_each(slots, victims, count - 1)
-        for (r, seq), n in zip(items, counts, strict=True):
-            self._shrink(r.request_id, n, seq.budget)
+        return positions.masked_fill(~(lowest & valid), never).argmin(dim=-1)
 
     def _shrink(self, request_id: str, num_slots: int, budget: int) -> None:
         freed = self.kv.shrink(request_id, budget)

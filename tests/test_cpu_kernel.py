@@ -220,3 +220,30 @@ def test_scores_with_probabilities_written_in_place(with_exp_table):
             noise = gumbel_noise(seed[b], layer, head, query_pos[b].view(1, 1, Q, 1), kp)
         expected = step_scores(masked[b], tau[b].view(1, 1, Q, 1), noise).sum(2)
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lowest_priority_slot_selection_equals_torch():
+    """The C++ victim choice against the rule in torch: lowest score outside
+    the recent window, the oldest position among equal scores (many ties:
+    scores are small integers), a sequence entirely inside its window (then
+    the oldest slot), ragged counts and shuffled physical slots."""
+    select = cpu_kernels.lowest_priority_slots()
+    g = torch.Generator().manual_seed(21)
+    L, N, H, B, S = 3, 200, 2, 4, 40
+    scores = torch.randint(0, 4, (L, N, H), generator=g).float()
+    positions = torch.randint(0, 1000, (L, N, H), generator=g, dtype=torch.int32)
+    order = torch.randperm(N, generator=g)
+    slots = order[: B * S].view(B, S).contiguous()
+    counts = torch.tensor([40, 17, 1, 33])
+    starts = torch.tensor([700, 300, 500, 0])  # the last: every slot is recent
+    got = select(scores, positions, slots, counts, starts)
+    sc = scores[:, slots].permute(1, 0, 3, 2)  # [B, L, H, S]
+    pos = positions[:, slots].permute(1, 0, 3, 2)
+    valid = (torch.arange(S) < counts.view(B, 1)).view(B, 1, 1, S)
+    priority = sc.masked_fill((pos >= starts.view(B, 1, 1, 1)) | ~valid, float("inf"))
+    lowest = (priority == priority.amin(-1, keepdim=True)) & valid
+    expected = pos.masked_fill(~lowest, torch.iinfo(torch.int32).max).argmin(-1)
+    assert torch.equal(got, expected)
+    assert (got[2] == 0).all()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        select(scores, positions, slots + N, counts, starts)

@@ -5,7 +5,7 @@ see `kv_manager.scoring`), not in how slots are chosen."""
 
 import torch
 
-from kv_manager.policies.base import EvictionPolicy, recent_mask
+from kv_manager.policies.base import EvictionPolicy
 
 
 class HeavyHitterPolicy(EvictionPolicy):
@@ -14,9 +14,13 @@ class HeavyHitterPolicy(EvictionPolicy):
     uses_gumbel = False
 
     def keep_priority(self, scores, positions, budget, logical_len) -> torch.Tensor:
-        window = self.settings.recent_window(budget)
-        recent = recent_mask(positions, window, logical_len)
+        recent = positions >= self.recent_start(budget, logical_len)
         return scores.float().masked_fill(recent, float("inf"))
+
+    def recent_start(self, budget: int, logical_len: int) -> int:
+        """The first position of the recent window, which is never evicted:
+        the keep-priority is the score below it and +inf from it on."""
+        return logical_len - self.settings.recent_window(budget)
 
 
 class H2OPolicy(HeavyHitterPolicy):
