@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=256, help="for the modeled run")
     p.add_argument("--requests", type=int, default=24, help="for the modeled run")
     p.add_argument("--kv-cache-blocks", type=int, default=1152)
-    p.add_argument("--decode-steps", type=int, default=48, help="steps timed per policy")
+    p.add_argument("--decode-steps", type=int, default=64, help="steps timed per policy")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("bench/results/performance/step_costs.md"))
     return p.parse_args()
@@ -89,8 +89,8 @@ def main() -> None:
         prefill = prompt_seconds(llm, prompts[:3], params)
         seqs = fit_full if policy == "full" else int(fit_full / args.kv_ratio)
         step, running = decode_step(llm, prompts[3 : 3 + seqs], params, args.decode_steps)
-        waves = math.ceil(args.requests / running)
-        modeled = args.requests * prefill + waves * args.output_tokens * step
+        decode = args.requests * args.output_tokens * step / running
+        modeled = args.requests * prefill + decode
         rows.append((policy, prefill, running, step, running / step, modeled))
         print(rows[-1], flush=True)
     write(args, rows)
@@ -107,8 +107,8 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
         "",
         f"{args.prompt_tokens}-token prompts, a pool of {args.kv_cache_blocks} blocks; "
         f"evicting policies at kv_ratio {args.kv_ratio}. Modeled run: {args.requests} "
-        f"requests x {args.output_tokens} output tokens = every prompt pass, then "
-        "ceil(requests / running) waves of decode steps.",
+        f"requests x {args.output_tokens} output tokens = every prompt pass, plus every "
+        "output token at the decode tok/s of a full pool.",
         "",
         "| policy | prompt pass (s) | running | decode step (ms) | decode tok/s "
         "| modeled run (s) | modeled tok/s | modeled ratio |",
