@@ -370,9 +370,7 @@ class PagedAttention(nn.Module):
                 allowed = allowed & (kp > q_pos - self.sliding_window)
             logits = logits.masked_fill(~allowed, float("-inf"))
             noise = gumbel_noise(seed, self.layer_idx, head, q_pos, kp) if spec.gumbel else None
-            step = (q_pos - spec.prompt_len + 1).clamp(min=0)
-            tau = spec.tau_init + step * spec.tau_slope
-            total += step_scores(logits, tau, noise).sum(dim=(1, 2))
+            total += step_scores(logits, spec.tau_at(q_pos), noise).sum(dim=(1, 2))
         self._add_scores(span.key_slots, total.transpose(0, 1))
 
     def _prompt_logits(
@@ -420,7 +418,7 @@ class PagedAttention(nn.Module):
         for start, c, logits in self._prompt_logits(q, keys, span, causal_cut=True):
             visible = logits.shape[-1]
             q_pos = span.query_positions[start : start + c]
-            tau = spec.tau_init + (q_pos - spec.prompt_len + 1).clamp(min=0) * spec.tau_slope
+            tau = spec.tau_at(q_pos)
             num_visible = torch.arange(1, c + 1, device=dev) + (span.slot_start + start)
             kernel(
                 scores, logits.unsqueeze(0), num_visible.view(1, c), q_pos.view(1, c),

@@ -24,6 +24,10 @@ class ScoreSpec:
     tau_init: float
     tau_slope: float
 
+    def tau_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The temperature of queries at `positions` (any shape)."""
+        return self.tau_init + (positions - self.prompt_len + 1).clamp(min=0) * self.tau_slope
+
 
 @dataclass
 class PrefillSpan:

@@ -30,7 +30,7 @@ def check(previous: dict[str, Any], configs: list[tuple[str, float]]) -> None:
 
 def pending(items: list[Item], previous: dict[str, Any]) -> list[Item]:
     """The items the earlier results do not have."""
-    done = {f"{it['key']}" for it in previous["items"]}
+    done = {it["key"] for it in previous["items"]}
     return [it for it in items if it.key not in done]
 
 

@@ -135,9 +135,12 @@ void score_item(float* logits,             // [Q, S]
     const uint64_t qbase = noise.base + query_term(query_pos[q]);
     // The shortcut needs tau = 1 and, with noise, the table of e^g.
     const bool from_probs = write_probs && tau[q] == 1.f && (!noise.on || noise.exp_table);
-    if (!from_probs) add_tempered(x, n, tau[q], qbase, noise, row, z.data());
-    if (write_probs) to_probs(x, n, d.S);
-    if (!from_probs) continue;
+    if (!from_probs) {
+      add_tempered(x, n, tau[q], qbase, noise, row, z.data());
+      if (write_probs) to_probs(x, n, d.S);
+      continue;
+    }
+    to_probs(x, n, d.S);
     if (noise.on) {
       add_noisy_from_probs(x, n, qbase, noise, row, z.data());
     } else {

@@ -51,8 +51,3 @@ class EvictionPolicy:
         by_position = positions.argsort(dim=-1, stable=True)
         ranked = priority.gather(-1, by_position).argsort(dim=-1, stable=True)
         return by_position.gather(-1, ranked[..., :num_evict])
-
-
-def recent_mask(positions: torch.Tensor, window: int, logical_len: int) -> torch.Tensor:
-    """True for slots holding one of the newest `window` tokens."""
-    return positions >= logical_len - window
