@@ -13,6 +13,7 @@ import torch
 from tiny_models import FAMILIES, VOCAB, build_tiny_model, load_reference, reference_greedy
 
 from engine import LLM, SamplingParams
+from engine.models.base import CausalLM
 
 NEW_TOKENS = 20
 PROMPT_LENGTHS = (5, 17, 40)
@@ -104,6 +105,19 @@ def test_torch_decode_path_without_the_cpu_kernel(
     """The plain-torch decode (gather + SDPA) that runs where the C++ kernel
     cannot be built, or on other devices, gives the same tokens."""
     monkeypatch.setattr("engine.attention.paged_decode_attention", lambda: None)
+    llm = _llm(family)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    _check(llm, family, [o.outputs[0].token_ids for o in outs])
+
+
+def test_separate_projections_and_torch_layer_ops(
+    family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model as built from the checkpoint's names (q/k/v and gate/up not
+    merged) on the torch norm, RoPE and SwiGLU: the path of a model built but
+    not merged, and of devices without the C++ ops."""
+    monkeypatch.setattr("engine.models.common.layer_ops", lambda: False)
+    monkeypatch.setattr(CausalLM, "merge_projections", lambda self: None)
     llm = _llm(family)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     _check(llm, family, [o.outputs[0].token_ids for o in outs])

@@ -31,6 +31,10 @@ class CausalLM(nn.Module):
         """[N, hidden] -> float32 logits [N, vocab]."""
         raise NotImplementedError
 
+    def merge_projections(self) -> None:
+        """After loading: merge linears that read the same input (q/k/v,
+        gate/up) into one, where the family supports it. Default: none."""
+
     def attention_layers(self) -> list[PagedAttention]:
         return [m for m in self.modules() if isinstance(m, PagedAttention)]
 

@@ -6,12 +6,20 @@ Covers Llama, SmolLM2, Mistral (sliding window) and Qwen2 (q/k/v bias).
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import PagedAttention
 from engine.context import AttentionContext
 from engine.models.base import CausalLM
-from engine.models.common import RMSNorm, RotaryEmbedding, activation, rope_parameters
+from engine.models.common import (
+    RMSNorm,
+    RotaryEmbedding,
+    activation,
+    merge_linears,
+    rope_parameters,
+    silu_and_mul,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -36,14 +44,25 @@ class LlamaAttention(nn.Module):
             scale=self.head_dim**-0.5,
             sliding_window=_sliding_window(config),
         )
+        self.qkv_proj: nn.Linear | None = None
+
+    def merge_projections(self) -> None:
+        """One q/k/v matmul instead of three (after the weights are loaded)."""
+        self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        T, D = x.shape[0], self.head_dim
+        if self.qkv_proj is not None:
+            widths = [self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D]
+            q, k, v = self.qkv_proj(x).split(widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.num_heads, D)
+        k = k.view(T, self.num_kv_heads, D)
+        v = v.view(T, self.num_kv_heads, D)
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, ctx))
 
@@ -63,9 +82,21 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config.hidden_act)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def merge_projections(self) -> None:
+        """One gate/up matmul instead of two (after the weights are loaded)."""
+        self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.act is F.silu:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -77,10 +108,23 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        ctx: AttentionContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the last block's output, not yet added to the residual stream
+        (the first layer: the embeddings, with residual None). Returns this
+        layer's MLP output and the stream: each norm adds the pending output
+        in the same pass."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -95,10 +139,12 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, ctx)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -120,6 +166,11 @@ class LlamaForCausalLM(CausalLM):
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
+
+    def merge_projections(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.merge_projections()
+            layer.mlp.merge_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
