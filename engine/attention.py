@@ -16,7 +16,7 @@ from torch import nn
 
 from engine import flashinfer_attention
 from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
-from engine.cpu_kernels import accumulate_scores, paged_decode_attention
+from engine.cpu_kernels import accumulate_scores, paged_decode_attention, write_kv
 from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
 # Prompt queries scored at once: bounds the [heads, queries, keys] logits.
@@ -97,22 +97,42 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         # q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq * D]
         self._write(k, v, ctx)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        if ctx.decode is not None:  # the batch's first rows
+            rows = slice(0, ctx.decode.num_rows)
+            out[rows] = self._decode(q[rows], ctx)
         for i, span in enumerate(ctx.prefills):
             rows = slice(span.token_start, span.token_start + span.num_tokens)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], span, ctx, i)
-        if ctx.decode is not None:
-            out[ctx.decode.rows] = self._decode(q[ctx.decode.rows], ctx)
         return out.flatten(1)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> None:
         H, D = self.num_kv_heads, self.head_dim
         slots = ctx.slot_mapping
+        kernel = write_kv() if self._writes_in_one_op(k, v) else None
+        if kernel is not None:
+            kernel(
+                self.k_cache, self.v_cache, self.pos_cache, self.score_cache,
+                k, v, slots, ctx.positions,
+            )  # fmt: skip
+            return
         self.k_cache.view(-1, H, D)[slots] = k
         self.v_cache.view(-1, H, D)[slots] = v
         self.pos_cache.view(-1, H)[slots] = ctx.positions.to(torch.int32).unsqueeze(1)
         # A slot may be reused from a freed block: its score starts afresh.
         self.score_cache.view(-1, H)[slots] = 0.0
+
+    def _writes_in_one_op(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """The C++ cache write applies: a float32 CPU cache, and K and V
+        float32 with each token's heads contiguous (BLOOM's interleave theirs)."""
+        D = self.head_dim
+        return (
+            k.device.type == "cpu"
+            and self.k_cache.dtype == torch.float32
+            and all(
+                t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == D for t in (k, v)
+            )
+        )
 
     def _read(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, nb] block ids -> K, V [B, nb * block_size, Hkv, D], by whole blocks."""

@@ -71,7 +71,7 @@ class DecodeScoring:
 class DecodeBatch:
     """Sequences that add one token each, batched and padded to the longest."""
 
-    rows: torch.Tensor  # [B] rows in the batch
+    num_rows: int  # B: the decodes are the batch's first B rows
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     key_valid: torch.Tensor  # [B, max_blocks * block_size] bool
     num_keys: torch.Tensor  # [B] int64: valid keys (cached slots + the new one)

@@ -26,6 +26,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "eviction_scores_cpu.cpp",
     Path(__file__).parent / "csrc" / "eviction_select_cpu.cpp",
     Path(__file__).parent / "csrc" / "layer_ops_cpu.cpp",
+    Path(__file__).parent / "csrc" / "kv_write_cpu.cpp",
 ]
 HEADERS = [Path(__file__).parent / "csrc" / "vector_math.h"]  # part of the cache key
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
@@ -63,6 +64,11 @@ def accumulate_scores() -> Callable[..., None] | None:
 def lowest_priority_slots() -> Callable[..., torch.Tensor] | None:
     """torch.ops.keyserve.lowest_priority_slots, or None where it cannot be built."""
     return torch.ops.keyserve.lowest_priority_slots if _library() else None
+
+
+def write_kv() -> Callable[..., None] | None:
+    """torch.ops.keyserve.write_kv, or None where it cannot be built."""
+    return torch.ops.keyserve.write_kv if _library() else None
 
 
 def layer_ops() -> bool:

@@ -53,22 +53,26 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         prefills: list[PrefillSpan] = []
-        decodes: list[tuple[int, ScheduledChunk, list[int]]] = []
-        sample_rows: list[int] = []
-        for chunk in chunks:
+        decodes: list[tuple[ScheduledChunk, list[int]]] = []
+        last_row: dict[int, int] = {}  # chunk index -> its last token's row
+        # Decodes first: their rows are then one leading slice of the batch,
+        # which attention reads and writes without a gather or a scatter.
+        order = sorted(range(len(chunks)), key=lambda i: not _is_decode(chunks[i]))
+        for i in order:
+            chunk = chunks[i]
             row = len(input_ids)
             blocks = block_table(chunk.request_id)
             input_ids += chunk.request.token_ids(chunk.start, chunk.end)
             positions += range(chunk.start, chunk.end)
             end_slot = chunk.slot_start + chunk.num_tokens
             slot_mapping += self._slots(blocks, chunk.slot_start, end_slot)
-            if chunk.num_tokens == 1 and chunk.slot_start > 0:
-                decodes.append((row, chunk, blocks))
+            if _is_decode(chunk):
+                decodes.append((chunk, blocks))
             else:
                 spec = score_specs.get(chunk.request_id)
                 prefills.append(self._prefill_span(chunk, row, blocks, spec))
-            if chunk.samples:
-                sample_rows.append(row + chunk.num_tokens - 1)
+            last_row[i] = row + chunk.num_tokens - 1
+        sample_rows = [last_row[i] for i, chunk in enumerate(chunks) if chunk.samples]
         ctx = AttentionContext(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -104,22 +108,22 @@ class ModelRunner:
 
     def _decode_batch(
         self,
-        decodes: list[tuple[int, ScheduledChunk, list[int]]],
+        decodes: list[tuple[ScheduledChunk, list[int]]],
         score_specs: dict[str, ScoreSpec],
     ) -> DecodeBatch:
         dev = self.device
-        width = max(len(blocks) for _, _, blocks in decodes)
-        tables = [blocks + [0] * (width - len(blocks)) for _, _, blocks in decodes]
-        num_keys = torch.tensor([c.slot_start + 1 for _, c, _ in decodes], device=dev)
+        width = max(len(blocks) for _, blocks in decodes)
+        tables = [blocks + [0] * (width - len(blocks)) for _, blocks in decodes]
+        num_keys = torch.tensor([c.slot_start + 1 for c, _ in decodes], device=dev)
         key_index = torch.arange(width * self.block_size, device=dev)
         batch = DecodeBatch(
-            rows=torch.tensor([row for row, _, _ in decodes], dtype=torch.long, device=dev),
+            num_rows=len(decodes),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             key_valid=key_index.unsqueeze(0) < num_keys.unsqueeze(1),
             num_keys=num_keys,
-            query_positions=torch.tensor([c.start for _, c, _ in decodes], device=dev),
+            query_positions=torch.tensor([c.start for c, _ in decodes], device=dev),
         )
-        specs = [(i, score_specs.get(c.request_id)) for i, (_, c, _) in enumerate(decodes)]
+        specs = [(i, score_specs.get(c.request_id)) for i, (c, _) in enumerate(decodes)]
         specs = [(i, s) for i, s in specs if s is not None]
         if specs:
             batch.scoring = self._decode_scoring(batch, specs)
@@ -133,7 +137,7 @@ class ModelRunner:
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        all_rows = len(specs) == batch.rows.shape[0]
+        all_rows = len(specs) == batch.num_rows
         rows = column([i for i, _ in specs], torch.long)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
@@ -157,3 +161,8 @@ class ModelRunner:
             block_tables=tables,
             key_slots=(tables.unsqueeze(2) * self.block_size + offsets).flatten(),
         )
+
+
+def _is_decode(chunk: ScheduledChunk) -> bool:
+    """One new token after cached ones (a one-token prompt is a prefill)."""
+    return chunk.num_tokens == 1 and chunk.slot_start > 0

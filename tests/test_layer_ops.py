@@ -127,3 +127,30 @@ def test_a_loaded_llama_runs_merged_packed_projections(tmp_path):
     assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
     assert isinstance(layer.self_attn.qkv_proj, PackedLinear)
     assert isinstance(layer.mlp.gate_up_proj, PackedLinear)
+
+
+def test_cache_write_equals_torch_scatters():
+    """write_kv puts each token's K, V and position in its slot and zeroes the
+    slot's score, as the four torch scatters do, from views with a row stride."""
+    g = torch.Generator().manual_seed(5)
+    NB, bs, H, D, T = 6, 4, 3, 8, 9
+    caches = [torch.randn(NB, bs, H, D, generator=g) for _ in range(2)]
+    positions_cache = torch.randint(0, 99, (NB, bs, H), generator=g, dtype=torch.int32)
+    scores = torch.randn(NB, bs, H, generator=g)
+    qkv = torch.randn(T, 3 * H * D, generator=g)
+    k = qkv[:, H * D : 2 * H * D].view(T, H, D)
+    v = qkv[:, 2 * H * D :].view(T, H, D)
+    slots = torch.randperm(NB * bs, generator=g)[:T]
+    positions = torch.arange(100, 100 + T)
+
+    want = [c.clone() for c in (*caches, positions_cache, scores)]
+    want[0].view(-1, H, D)[slots] = k
+    want[1].view(-1, H, D)[slots] = v
+    want[2].view(-1, H)[slots] = positions.to(torch.int32).unsqueeze(1)
+    want[3].view(-1, H)[slots] = 0.0
+    got = [c.clone() for c in (*caches, positions_cache, scores)]
+    cpu_kernels.write_kv()(*got, k, v, slots, positions)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.write_kv()(*got, k, v, slots + NB * bs, positions)
