@@ -16,7 +16,12 @@ from torch import nn
 
 from engine import flashinfer_attention
 from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
-from engine.cpu_kernels import accumulate_scores, paged_decode_attention, write_kv
+from engine.cpu_kernels import (
+    accumulate_scores,
+    paged_decode_attention,
+    prefill_attention,
+    write_kv,
+)
 from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
 # Prompt queries scored at once: bounds the [heads, queries, keys] logits.
@@ -313,6 +318,11 @@ class PagedAttention(nn.Module):
         kernel = self._score_kernel(q) if span.score is not None else None
         if kernel is not None:
             return self._attend_and_score_prompt(kernel, q, k, v, k_pos, span)
+        prefill_kernel = self._prefill_kernel(q) if span.score is None else None
+        if prefill_kernel is not None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            prefill_kernel(out, q, k, v, self.scale)
+            return out
         if span.block_table is None and not self._needs_key_positions:
             out = self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, causal=True)
             out = out.squeeze(0)
@@ -324,6 +334,13 @@ class PagedAttention(nn.Module):
         if span.score is not None:
             self._score_prefill(q, k, k_pos, span)
         return out
+
+    def _prefill_kernel(self, q: torch.Tensor):
+        """The C++ causal prompt attention when it applies: CPU, float32, head
+        size 64 or 128, and no per-key positional terms."""
+        if q.device.type != "cpu" or q.dtype != torch.float32 or self._needs_key_positions:
+            return None
+        return prefill_attention() if self.head_dim in (64, 128) else None
 
     def _prefill_flashinfer(
         self, q: torch.Tensor, span: PrefillSpan, ctx: AttentionContext, index: int

@@ -27,6 +27,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "eviction_select_cpu.cpp",
     Path(__file__).parent / "csrc" / "layer_ops_cpu.cpp",
     Path(__file__).parent / "csrc" / "kv_write_cpu.cpp",
+    Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp",
 ]
 HEADERS = [Path(__file__).parent / "csrc" / "vector_math.h"]  # part of the cache key
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
@@ -64,6 +65,11 @@ def accumulate_scores() -> Callable[..., None] | None:
 def lowest_priority_slots() -> Callable[..., torch.Tensor] | None:
     """torch.ops.keyserve.lowest_priority_slots, or None where it cannot be built."""
     return torch.ops.keyserve.lowest_priority_slots if _library() else None
+
+
+def prefill_attention() -> Callable[..., None] | None:
+    """torch.ops.keyserve.prefill_attention, or None where it cannot be built."""
+    return torch.ops.keyserve.prefill_attention if _library() else None
 
 
 def write_kv() -> Callable[..., None] | None:

@@ -247,3 +247,45 @@ def test_lowest_priority_slot_selection_equals_torch():
     assert (got[2] == 0).all()
     with pytest.raises(RuntimeError, match="outside the cache"):
         select(scores, positions, slots + N, counts, starts)
+
+
+def _causal_reference(q, k, v, scale):
+    """Query i sees keys [0, S - n + i]: a chunk after S - n cached keys."""
+    n, S = q.shape[0], k.shape[0]
+    visible = torch.arange(S).view(1, S) <= (torch.arange(n) + S - n).view(n, 1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=visible, scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize(
+    "n, S, num_heads, num_kv_heads, head_dim",
+    # One token; a whole prompt; later chunks (S > n) of ragged sizes; a
+    # group of 16 query heads per KV head; head size 128.
+    [(1, 1, 9, 3, 64), (100, 100, 9, 3, 64), (37, 300, 4, 2, 128), (129, 515, 9, 3, 64),
+     (70, 70, 16, 1, 64)],
+)  # fmt: skip
+def test_prompt_attention_equals_torch(n, S, num_heads, num_kv_heads, head_dim):
+    g = torch.Generator().manual_seed(n + S)
+    # q as a view of a merged projection's output: rows with a stride.
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    q = torch.randn(n, width, generator=g)[:, : num_heads * head_dim]
+    q = q.view(n, num_heads, head_dim)
+    k = torch.randn(S, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(S, num_kv_heads, head_dim, generator=g)
+    out = torch.empty(n, num_heads, head_dim)
+    cpu_kernels.prefill_attention()(out, q, k, v, head_dim**-0.5)
+    want = _causal_reference(q, k, v, head_dim**-0.5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_attention_rejects_what_it_cannot_do():
+    op = cpu_kernels.prefill_attention()
+    q, k = torch.randn(4, 2, 32), torch.randn(4, 1, 32)
+    with pytest.raises(RuntimeError, match="head size 64 or 128"):
+        op(torch.empty_like(q), q, k, k, 1.0)
+    q, k = torch.randn(5, 2, 64), torch.randn(4, 1, 64)
+    with pytest.raises(RuntimeError, match="fewer keys than queries"):
+        op(torch.empty_like(q), q, k, k, 1.0)

@@ -31,6 +31,21 @@ def _llama(**extra: Any) -> Any:
     )
 
 
+def _llama_head_64() -> Any:
+    # SmolLM2's head size: the C++ prompt attention (head size 64 or 128 only)
+    # runs in the parity tests too, not only on the real model.
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+
+
 def _llama3_rope() -> Any:
     # A short original context, so the scaled band covers the wavelengths the
     # test's positions (under 64) actually reach.
@@ -109,6 +124,7 @@ def _gpt_neox(parallel_residual: bool) -> Callable[[], Any]:
 
 FAMILIES: dict[str, Callable[[], Any]] = {
     "llama": _llama,
+    "llama-head-64": _llama_head_64,
     "llama-llama3-rope": _llama3_rope,
     "llama-linear-rope": _linear_rope,
     "qwen2": _qwen2,
