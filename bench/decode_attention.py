@@ -13,6 +13,7 @@ import time
 import torch
 
 from engine.cpu_kernels import paged_decode_attention
+from engine.huge_pages import empty_with_huge_pages
 
 LAYERS, HQ, HKV, D, BLOCK = 30, 9, 3, 64, 16
 SHAPES = ((16, 550, True), (8, 2304, False), (16, 1100, False))  # sequences, keys, logits
@@ -37,13 +38,21 @@ def step_ms(kernel, k_cache, v_cache, batch: int, keys: int, logits: bool) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--small-pages", action="store_true", help="4 KB pages (the engine advises 2 MB ones)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kernel = paged_decode_attention()
     if kernel is None:
         raise SystemExit("the CPU kernels are not available here (see engine/cpu_kernels.py)")
-    k_cache = torch.randn(LAYERS, 2048, BLOCK, HKV, D)
-    v_cache = torch.randn_like(k_cache)
+    shape = (LAYERS, 2048, BLOCK, HKV, D)
+    cpu = torch.device("cpu")
+    if args.small_pages:
+        k_cache, v_cache = torch.randn(shape), torch.randn(shape)
+    else:  # as engine/kv_cache.py allocates it
+        k_cache = empty_with_huge_pages(*shape, dtype=torch.float32, device=cpu).normal_()
+        v_cache = empty_with_huge_pages(*shape, dtype=torch.float32, device=cpu).normal_()
     for batch, keys, logits in SHAPES:
         ms = step_ms(kernel, k_cache, v_cache, batch, keys, logits)
         gbs = LAYERS * batch * keys * HKV * D * 4 * 2 / ms / 1e6

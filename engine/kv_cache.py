@@ -7,6 +7,7 @@ together when eviction compacts a sequence.
 
 import torch
 
+from engine.huge_pages import empty_with_huge_pages
 from engine.models import CausalLM
 
 
@@ -28,8 +29,10 @@ class PagedKVCache:
         ((num_kv_heads, head_dim),) = heads
         self.block_size = block_size
         shape = (len(layers), num_blocks, block_size, num_kv_heads)
-        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        # K and V are read block by block at random: 2 MB pages where the OS
+        # gives them (advised before the zeroing touches the memory).
+        self.k = empty_with_huge_pages(*shape, head_dim, dtype=dtype, device=device).zero_()
+        self.v = empty_with_huge_pages(*shape, head_dim, dtype=dtype, device=device).zero_()
         self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
         self.positions = torch.zeros(shape, dtype=torch.int32, device=device)
         for i, attn in enumerate(layers):
