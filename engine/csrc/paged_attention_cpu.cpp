@@ -31,6 +31,7 @@
 
 namespace {
 
+using keyserve::accumulate_values;
 using keyserve::exp_nonpositive;
 using keyserve::exp_shifted;
 using keyserve::max_of;
@@ -88,26 +89,24 @@ void block_scores(const float* q, const float* k, int64_t stride, int64_t count,
 }
 
 // acc[g] = acc[g] * rescale[g] + sum_i p[g * count + i] * v_i, over `count`
-// value rows v + i * stride. With D fixed, the G accumulators stay in vector
-// registers for the whole block.
+// value rows v + i * stride. With D fixed, up to 4 query heads' accumulators
+// at a time stay in vector registers for the whole block.
 template <int64_t D>
 void block_values(const float* p, const float* rescale, const float* v, int64_t stride,
                   int64_t count, int64_t G, int64_t dim, float* acc) {
   if constexpr (D > 0) {
-    constexpr int64_t C = D / 16;
-    f32x16 a[kMaxGroup][C];
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < C; ++c) a[g][c] = load16(acc + g * D + 16 * c) * rescale[g];
-    for (int64_t i = 0; i < count; ++i) {
-      f32x16 vv[C];
-      for (int64_t c = 0; c < C; ++c) vv[c] = load16(v + i * stride + 16 * c);
-      for (int64_t g = 0; g < G; ++g) {
-        const float pg = p[g * count + i];
-        for (int64_t c = 0; c < C; ++c) a[g][c] += pg * vv[c];
-      }
+    // The group's rows at once (G is at most kMaxGroup on this path).
+    switch (G) {
+      case 1: return accumulate_values<D, 1>(p, count, rescale, v, stride, count, acc);
+      case 2: return accumulate_values<D, 2>(p, count, rescale, v, stride, count, acc);
+      case 3: return accumulate_values<D, 3>(p, count, rescale, v, stride, count, acc);
+      case 4: return accumulate_values<D, 4>(p, count, rescale, v, stride, count, acc);
+      default:
+        for (int64_t g = 0; g < G; g += 4) {
+          const int64_t rows = std::min<int64_t>(4, G - g);
+          block_values<D>(p + g * count, rescale + g, v, stride, count, rows, dim, acc + g * D);
+        }
     }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < C; ++c) store16(acc + g * D + 16 * c, a[g][c]);
   } else {
     for (int64_t g = 0; g < G; ++g) {
       float* o = acc + g * dim;

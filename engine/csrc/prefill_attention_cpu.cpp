@@ -30,6 +30,7 @@
 namespace {
 
 using keyserve::exp16_nonpositive;
+using keyserve::accumulate_values;
 using keyserve::exp_nonpositive;
 using keyserve::f32x16;
 using keyserve::load16;
@@ -80,27 +81,6 @@ inline void score_rows(const float* q, const float* kt, int64_t stride, float* s
     for (int64_t c = 0; c < kKeyVecs; ++c) store16(scores + r * kKeys + 16 * c, acc[r][c]);
 }
 
-// acc[m] = acc[m] * rescale[m] + sum_j p[m][j] v_j over `count` value rows,
-// for R query rows whose D-wide accumulators stay in registers.
-template <int64_t D, int R>
-inline void accumulate_rows(const float* p, const float* rescale, const float* v,
-                            int64_t v_stride, int64_t count, float* acc) {
-  constexpr int64_t C = D / 16;
-  f32x16 a[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) a[r][c] = load16(acc + r * D + 16 * c) * rescale[r];
-  for (int64_t j = 0; j < count; ++j) {
-    f32x16 vv[C];
-    for (int64_t c = 0; c < C; ++c) vv[c] = load16(v + j * v_stride + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const float pj = p[r * kKeys + j];
-      for (int64_t c = 0; c < C; ++c) a[r][c] += pj * vv[c];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) store16(acc + r * D + 16 * c, a[r][c]);
-}
-
 // Rows per register block: R x (accumulator vectors) within 16 registers.
 template <int64_t D>
 constexpr int kValueRows = D == 64 ? 4 : 2;
@@ -119,9 +99,9 @@ void accumulate_tile(const float* p, const float* rescale, const float* v, int64
   constexpr int R = kValueRows<D>;
   int64_t m = 0;
   for (; m + R <= rows; m += R)
-    accumulate_rows<D, R>(p + m * kKeys, rescale + m, v, v_stride, count, acc + m * D);
+    accumulate_values<D, R>(p + m * kKeys, kKeys, rescale + m, v, v_stride, count, acc + m * D);
   for (; m < rows; ++m)
-    accumulate_rows<D, 1>(p + m * kKeys, rescale + m, v, v_stride, count, acc + m * D);
+    accumulate_values<D, 1>(p + m * kKeys, kKeys, rescale + m, v, v_stride, count, acc + m * D);
 }
 
 // Scores of one key tile -> probabilities in place, with the running max and

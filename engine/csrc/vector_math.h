@@ -100,4 +100,27 @@ inline float exp_shifted(const float* src, float* dst, int64_t n, float m) {
   return sum;
 }
 
+// P @ V for R query rows at once: acc[r] = acc[r] * rescale[r] + sum_j
+// p[r * p_stride + j] * v_j over `count` value rows v + j * v_stride. The R
+// accumulators of D floats stay in registers, and each value row is loaded
+// once for all R rows (the query heads of a GQA group, or a tile of queries).
+template <int64_t D, int R>
+inline void accumulate_values(const float* p, int64_t p_stride, const float* rescale,
+                              const float* v, int64_t v_stride, int64_t count, float* acc) {
+  constexpr int64_t C = D / 16;
+  f32x16 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) a[r][c] = load16(acc + r * D + 16 * c) * rescale[r];
+  for (int64_t j = 0; j < count; ++j) {
+    f32x16 vv[C];
+    for (int64_t c = 0; c < C; ++c) vv[c] = load16(v + j * v_stride + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const float pj = p[r * p_stride + j];
+      for (int64_t c = 0; c < C; ++c) a[r][c] += pj * vv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) store16(acc + r * D + 16 * c, a[r][c]);
+}
+
 }  // namespace keyserve
