@@ -71,12 +71,16 @@ class DecodeScoring:
 class DecodeBatch:
     """Sequences that add one token each, batched and padded to the longest."""
 
-    num_rows: int  # B: the decodes are the batch's first B rows
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     key_valid: torch.Tensor  # [B, max_blocks * block_size] bool
     num_keys: torch.Tensor  # [B] int64: valid keys (cached slots + the new one)
     query_positions: torch.Tensor  # [B]
     scoring: DecodeScoring | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """B: the decodes are the batch's first B rows."""
+        return self.num_keys.shape[0]
 
 
 @dataclass

@@ -117,7 +117,6 @@ class ModelRunner:
         num_keys = torch.tensor([c.slot_start + 1 for c, _ in decodes], device=dev)
         key_index = torch.arange(width * self.block_size, device=dev)
         batch = DecodeBatch(
-            num_rows=len(decodes),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             key_valid=key_index.unsqueeze(0) < num_keys.unsqueeze(1),
             num_keys=num_keys,

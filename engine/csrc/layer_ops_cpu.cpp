@@ -65,13 +65,20 @@ void scale_row(const float* x, const float* w, float inv, int64_t n, float* out)
   for (; j < n; ++j) out[j] = w[j] * (x[j] * inv);
 }
 
-void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(out, 2, "out");
+// Both norms' arguments: rows x and `other` (out or residual) of one shape,
+// and a float32 weight per column.
+void check_norm(const at::Tensor& x, const at::Tensor& other, const at::Tensor& weight,
+                const char* other_name) {
   check_rows(x, 2, "x");
-  TORCH_CHECK(out.sizes() == x.sizes(), "out and x differ in shape");
+  check_rows(other, 2, other_name);
+  TORCH_CHECK(other.sizes() == x.sizes(), "x and ", other_name, " differ in shape");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
                   weight.scalar_type() == at::kFloat,
               "weight: float32 [H]");
+}
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm(x, out, weight, "out");
   const int64_t H = x.size(1), xs = x.stride(0), os = out.stride(0);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
@@ -86,12 +93,7 @@ void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, dou
 }
 
 void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
-  check_rows(x, 2, "x");
-  check_rows(residual, 2, "residual");
-  TORCH_CHECK(residual.sizes() == x.sizes(), "x and residual differ in shape");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
-                  weight.scalar_type() == at::kFloat,
-              "weight: float32 [H]");
+  check_norm(x, residual, weight, "residual");
   const int64_t H = x.size(1), xs = x.stride(0), rs = residual.stride(0);
   float* xp = x.data_ptr<float>();
   float* rp = residual.data_ptr<float>();

@@ -121,12 +121,8 @@ void softmax_tile(float* scores, int64_t rows, int64_t nq, int64_t i0, int64_t j
     }
     float tile_max = mx[0];
     for (int i = 1; i < 16; ++i) tile_max = std::max(tile_max, mx[i]);
+    // Finite: every query sees key 0, which is in the first tile.
     const float new_max = std::max(max[m], tile_max);
-    if (new_max == kNegInf) {  // nothing visible yet (a later tile of the row)
-      rescale[m] = 1.f;
-      for (int64_t j = 0; j < kKeys; ++j) s[j] = 0.f;
-      continue;
-    }
     f32x16 total = {};
     for (int64_t c = 0; c < kKeyVecs; ++c) {
       const f32x16 e = exp16_nonpositive(load16(s + 16 * c) - new_max);
