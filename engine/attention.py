@@ -20,6 +20,7 @@ from engine.cpu_kernels import (
     accumulate_scores,
     paged_decode_attention,
     prefill_attention,
+    prefill_attention_scored,
     write_kv,
 )
 from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
@@ -315,14 +316,16 @@ class PagedAttention(nn.Module):
         k_pos = None
         if self._needs_key_positions or span.score is not None:
             k_pos = self._span_key_positions(span)
-        kernel = self._score_kernel(q) if span.score is not None else None
-        if kernel is not None:
-            return self._attend_and_score_prompt(kernel, q, k, v, k_pos, span)
-        prefill_kernel = self._prefill_kernel(q) if span.score is None else None
-        if prefill_kernel is not None:
+        prefill_kernel = self._prefill_kernel(q)
+        if prefill_kernel is not None and span.score is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             prefill_kernel(out, q, k, v, self.scale)
             return out
+        if prefill_kernel is not None:  # its scored twin is in the same library
+            return self._attend_and_score_in_tiles(q, k, v, k_pos, span)
+        kernel = self._score_kernel(q) if span.score is not None else None
+        if kernel is not None:
+            return self._attend_and_score_prompt(kernel, q, k, v, k_pos, span)
         if span.block_table is None and not self._needs_key_positions:
             out = self._sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, causal=True)
             out = out.squeeze(0)
@@ -427,6 +430,30 @@ class PagedAttention(nn.Module):
             qs = qc.view(c, H, G, -1).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
             yield start, c, torch.matmul(qs, keys[:, :, :width].unsqueeze(1))
 
+    def _attend_and_score_in_tiles(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pos: torch.Tensor,
+        span: PrefillSpan,
+    ) -> torch.Tensor:
+        """A scored prompt chunk in one C++ pass (prefill_scored_cpu.cpp): the
+        output and each key's score, from logits that never leave the tile.
+        q: [n, Hq, D]; k, v: [S, Hkv, D]; k_pos: [1, S, Hkv]."""
+        spec: ScoreSpec = span.score
+        dev = q.device
+        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        scores = torch.zeros(self.num_kv_heads, span.num_keys, dtype=torch.float32, device=dev)
+        q_pos = span.query_positions.contiguous()
+        prefill_attention_scored()(
+            out, scores, q, k, v, self.scale, q_pos, k_pos[0].contiguous(),
+            spec.tau_at(q_pos).float().contiguous(), spec.seed, spec.gumbel, self.layer_idx,
+            gumbel_table(dev), gumbel_exp_table(dev),
+        )  # fmt: skip
+        self._add_scores(span.key_slots, scores.transpose(0, 1))
+        return out
+
     def _attend_and_score_prompt(
         self,
         kernel,
@@ -436,7 +463,8 @@ class PagedAttention(nn.Module):
         k_pos: torch.Tensor,
         span: PrefillSpan,
     ) -> torch.Tensor:
-        """A scored prompt chunk's attention and scores from one set of logits.
+        """A scored prompt chunk's attention and scores from one set of logits
+        (head sizes and dtypes the tiled kernel does not take).
         Per query chunk, the kernel adds the scores and turns the logits into
         probabilities in place, and P @ V is the output: the logits are made
         once, not once for attention and again for the scores. Each query

@@ -28,8 +28,13 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "layer_ops_cpu.cpp",
     Path(__file__).parent / "csrc" / "kv_write_cpu.cpp",
     Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp",
+    Path(__file__).parent / "csrc" / "prefill_scored_cpu.cpp",
 ]
-HEADERS = [Path(__file__).parent / "csrc" / "vector_math.h"]  # part of the cache key
+# Part of the cache key.
+HEADERS = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("vector_math.h", "prompt_tiles.h", "eviction_scores.h")
+]
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
 CACHE_ENV = "KEYSERVE_KERNEL_CACHE"
 
@@ -70,6 +75,11 @@ def lowest_priority_slots() -> Callable[..., torch.Tensor] | None:
 def prefill_attention() -> Callable[..., None] | None:
     """torch.ops.keyserve.prefill_attention, or None where it cannot be built."""
     return torch.ops.keyserve.prefill_attention if _library() else None
+
+
+def prefill_attention_scored() -> Callable[..., None] | None:
+    """torch.ops.keyserve.prefill_attention_scored, or None where it cannot be built."""
+    return torch.ops.keyserve.prefill_attention_scored if _library() else None
 
 
 def write_kv() -> Callable[..., None] | None:

@@ -289,3 +289,78 @@ def test_prompt_attention_rejects_what_it_cannot_do():
     q, k = torch.randn(5, 2, 64), torch.randn(4, 1, 64)
     with pytest.raises(RuntimeError, match="fewer keys than queries"):
         op(torch.empty_like(q), q, k, k, 1.0)
+
+
+def _prompt_scores_reference(q, k, key_pos, query_pos, tau, seed, layer, use_noise, scale):
+    """[Hkv, S]: each key's score summed over the chunk's queries and the
+    query heads of its KV head, by kv_manager.scoring on explicit logits."""
+    n, Hq, _ = q.shape
+    S, Hkv, _ = k.shape
+    G = Hq // Hkv
+    logits = torch.einsum("nhd,shd->hns", q, k.repeat_interleave(G, dim=1)) * scale
+    visible = torch.arange(S).view(1, S) <= (torch.arange(n) + S - n).view(n, 1)
+    logits = logits.masked_fill(~visible, float("-inf"))  # [Hq, n, S]
+    noise = None
+    if use_noise:
+        kp = key_pos.transpose(0, 1).repeat_interleave(G, dim=0).view(Hq, 1, S)
+        head = torch.arange(Hq).view(Hq, 1, 1)
+        noise = gumbel_noise(torch.tensor(seed), layer, head, query_pos.view(1, n, 1), kp)
+    scores = step_scores(logits, tau.view(1, n, 1), noise)  # [Hq, n, S]
+    return scores.sum(1).view(Hkv, G, S).sum(1)
+
+
+@pytest.mark.parametrize(
+    "n, S, num_heads, num_kv_heads, head_dim, policy",
+    # Keyformer at tau = 1 (the e^g shortcut), at tau > 1 and without the
+    # exp table (the tempered softmax); H2O. Fresh prompts and later chunks,
+    # GQA groups of 3 and 16, head size 128, one token, and a chunk long
+    # enough that its query tiles share score rows.
+    [(100, 100, 9, 3, 64, "keyformer"), (37, 300, 4, 2, 128, "keyformer_tau"),
+     (129, 515, 9, 3, 64, "h2o"), (70, 70, 16, 1, 64, "keyformer_no_table"),
+     (1, 1, 9, 3, 64, "keyformer"), (1100, 1200, 2, 1, 64, "keyformer")],
+)  # fmt: skip
+def test_scored_prompt_attention_equals_torch(n, S, num_heads, num_kv_heads, head_dim, policy):
+    g = torch.Generator().manual_seed(n + S + head_dim)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    q = torch.randn(n, width, generator=g)[:, : num_heads * head_dim]
+    q = q.view(n, num_heads, head_dim)
+    k = torch.randn(S, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(S, num_kv_heads, head_dim, generator=g)
+    # Earlier evictions (per KV head) left cached positions apart from the
+    # slot numbers; the chunk's own keys are at its query positions.
+    base = torch.randperm(2 * S, generator=g)[: S - n].sort().values
+    cached = [base + h for h in range(num_kv_heads)]
+    query_pos = torch.arange(n) + 2 * S + num_kv_heads
+    own = query_pos.view(n, 1).expand(n, num_kv_heads)
+    key_pos = torch.cat([torch.stack(cached, dim=1), own]).contiguous()
+    tau = torch.ones(n)
+    if policy == "keyformer_tau":
+        tau = 1 + torch.rand(n, generator=g)
+    use_noise = policy != "h2o"
+    exp_table = torch.empty(0) if policy == "keyformer_no_table" else gumbel_exp_table()
+    seed, layer, scale = 2**40 + 7, 5, head_dim**-0.5
+    out = torch.empty(n, num_heads, head_dim)
+    scores = torch.full((num_kv_heads, S), 0.5)
+    cpu_kernels.prefill_attention_scored()(
+        out, scores, q, k, v, scale, query_pos, key_pos, tau, seed, use_noise, layer,
+        gumbel_table(), exp_table,
+    )  # fmt: skip
+    torch.testing.assert_close(out, _causal_reference(q, k, v, scale), rtol=1e-5, atol=1e-5)
+    want = _prompt_scores_reference(q, k, key_pos, query_pos, tau, seed, layer, use_noise, scale)
+    torch.testing.assert_close(scores, want + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_scored_prompt_attention_rejects_what_it_cannot_do():
+    op = cpu_kernels.prefill_attention_scored()
+    q, k = torch.randn(4, 2, 64), torch.randn(4, 1, 64)
+    pos, tau = torch.arange(4), torch.ones(4)
+    args = (1.0, pos, pos.view(4, 1), tau, 0, True, 0, gumbel_table(), gumbel_exp_table())
+    with pytest.raises(RuntimeError, match=r"scores: contiguous float32 \[Hkv, S\]"):
+        op(torch.empty_like(q), torch.zeros(2, 4), q, k, k, *args)
+    with pytest.raises(RuntimeError, match="key_pos"):
+        op(torch.empty_like(q), torch.zeros(1, 4), q, k, k, 1.0, pos, pos, *args[3:])
+    with pytest.raises(RuntimeError, match="power-of-two"):
+        op(torch.empty_like(q), torch.zeros(1, 4), q, k, k, *args[:7], torch.ones(3), args[8])
+    q, k = torch.randn(4, 2, 32), torch.randn(4, 1, 32)
+    with pytest.raises(RuntimeError, match="head size 64 or 128"):
+        op(torch.empty_like(q), torch.zeros(1, 4), q, k, k, *args)

@@ -9,7 +9,8 @@ from tiny_models import build_tiny_model
 from engine import LLM, SamplingParams
 from kv_manager.policies import KVPolicySettings
 
-FAMILIES = ["llama", "gpt2", "bloom"]
+# llama-head-64 takes the C++ prompt kernels (head size 64), scored ones included.
+FAMILIES = ["llama", "llama-head-64", "gpt2", "bloom"]
 POLICIES = ["full", "window", "streaming", "h2o", "keyformer"]
 KV = dict(kv_ratio=0.5, kv_min_tokens=0, recent_ratio=0.3, sink_tokens=2)
 MAX_TOKENS = 14

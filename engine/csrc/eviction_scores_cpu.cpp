@@ -21,8 +21,8 @@
 //     query_pos [B, Q] int64, key_pos [B, S, Hkv] int64, tau [B, Q] float,
 //     seed [B] int64, use_noise [B] bool, layer, noise_table [2^bits] float,
 //     exp_table [2^bits] float (or empty), write_probs bool)
-// The noise must equal kv_manager.scoring.gumbel_noise bit for bit: the same
-// splitmix64 hash and the same table, indexed by the hash's top bits.
+// The noise must equal kv_manager.scoring.gumbel_noise bit for bit
+// (eviction_scores.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,6 +34,7 @@
 #include <limits>
 #include <vector>
 
+#include "eviction_scores.h"
 #include "vector_math.h"
 
 namespace {
@@ -41,58 +42,14 @@ namespace {
 using keyserve::exp_shifted;
 using keyserve::max_of;
 
-// The constants of kv_manager/scoring.py.
-constexpr uint64_t kSeed = 0x9E3779B97F4A7C15ULL;
-constexpr uint64_t kLayer = 0xBF58476D1CE4E5B9ULL;
-constexpr uint64_t kHead = 0x94D049BB133111EBULL;
-constexpr uint64_t kQueryPos = 0xD6E8FEB86659FD93ULL;
-constexpr uint64_t kKeyPos = 0xA0761D6478BD642FULL;
-constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ULL;
-constexpr uint64_t kMix2 = 0x94D049BB133111EBULL;
-
-#pragma omp declare simd notinbranch
-inline uint64_t finalize(uint64_t x) {
-  x = (x ^ (x >> 30)) * kMix1;
-  x = (x ^ (x >> 27)) * kMix2;
-  return x ^ (x >> 31);
-}
+using keyserve::scores::add_noisy_from_exp;
+using keyserve::scores::add_tempered;
+using keyserve::scores::Noise;
+using keyserve::scores::query_term;
 
 struct Dims {
   int64_t B, H, G, Q, S, S_out;
 };
-
-// What one (sequence, KV head, query head) work item reads besides its rows.
-struct Noise {
-  const float* table;      // Gumbel levels
-  const float* exp_table;  // their exponentials, or null
-  int shift;               // hash >> shift indexes both tables
-  bool on;
-  uint64_t base;            // the hash's seed, layer and head terms
-  const uint64_t* key_hash;  // [S]: each key's position term, made once per item
-};
-
-inline uint64_t query_term(int64_t query_pos) {
-  return static_cast<uint64_t>(query_pos) * kQueryPos;
-}
-
-// row[j] += softmax((x + g) / tau)_j over the n visible keys (the general
-// score; x is left as it is). z: scratch of n floats.
-void add_tempered(const float* x, int64_t n, float tau, uint64_t qbase, const Noise& noise,
-                  float* row, float* z) {
-  const float inv_tau = 1.f / tau;
-  if (noise.on) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      z[j] = (x[j] + noise.table[finalize(qbase + noise.key_hash[j]) >> noise.shift]) * inv_tau;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) z[j] = x[j] * inv_tau;
-  }
-  const float inv_sum = 1.f / exp_shifted(z, z, n, max_of(z, n));
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
-}
 
 // x[0, n) -> softmax(x) in place; x[n, S) -> 0.
 void to_probs(float* x, int64_t n, int64_t S) {
@@ -100,20 +57,6 @@ void to_probs(float* x, int64_t n, int64_t S) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= inv_sum;
   std::fill(x + n, x + S, 0.f);
-}
-
-// row[j] += softmax(x + g)_j from p = softmax(x): p_j e^g_j, normalized.
-void add_noisy_from_probs(const float* p, int64_t n, uint64_t qbase, const Noise& noise,
-                          float* row, float* z) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    z[j] = p[j] * noise.exp_table[finalize(qbase + noise.key_hash[j]) >> noise.shift];
-    sum += z[j];
-  }
-  const float inv_sum = 1.f / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
 }
 
 // One work item: add the scores of its Q queries into row [S]; with
@@ -142,7 +85,7 @@ void score_item(float* logits,             // [Q, S]
     }
     to_probs(x, n, d.S);
     if (noise.on) {
-      add_noisy_from_probs(x, n, qbase, noise, row, z.data());
+      add_noisy_from_exp(x, n, qbase, noise, row, z.data());
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) row[j] += x[j];
@@ -168,15 +111,7 @@ void accumulate_scores(at::Tensor out, at::Tensor logits, const at::Tensor& num_
   TORCH_CHECK(key_pos.sizes() == at::IntArrayRef({d.B, d.S, d.H}), "key_pos: [B, S, Hkv]");
   TORCH_CHECK(tau.scalar_type() == at::kFloat && tau.is_contiguous(), "tau: float32 [B, Q]");
   TORCH_CHECK(use_noise.scalar_type() == at::kBool && use_noise.is_contiguous(), "use_noise: bool");
-  const int64_t table_size = noise_table.numel();
-  TORCH_CHECK(table_size > 1 && (table_size & (table_size - 1)) == 0 &&
-                  noise_table.scalar_type() == at::kFloat && noise_table.is_contiguous(),
-              "noise_table: float32 of a power-of-two size");
-  TORCH_CHECK(exp_table.numel() == 0 ||
-                  (exp_table.numel() == table_size && exp_table.scalar_type() == at::kFloat &&
-                   exp_table.is_contiguous()),
-              "exp_table: empty, or float32 the size of noise_table");
-  const int table_shift = 64 - static_cast<int>(std::log2(static_cast<double>(table_size)));
+  const int table_shift = keyserve::scores::check_noise_tables(noise_table, exp_table);
 
   float* lp = logits.data_ptr<float>();
   const int64_t* vis = num_visible.data_ptr<int64_t>();
@@ -195,12 +130,10 @@ void accumulate_scores(at::Tensor out, at::Tensor logits, const at::Tensor& num_
     std::vector<uint64_t> key_hash(d.S);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (d.H * d.G), h = (item / d.G) % d.H, g = item % d.G;
-      const uint64_t head = static_cast<uint64_t>(h * d.G + g);
       const int64_t* keys = kpos + b * d.S * d.H + h;  // [S] at stride H
-      for (int64_t j = 0; j < d.S; ++j) key_hash[j] = static_cast<uint64_t>(keys[j * d.H]) * kKeyPos;
+      for (int64_t j = 0; j < d.S; ++j) key_hash[j] = keyserve::scores::key_term(keys[j * d.H]);
       const Noise noise{table, exps, table_shift, noise_on[b],
-                        static_cast<uint64_t>(seeds[b]) * kSeed +
-                            static_cast<uint64_t>(layer) * kLayer + head * kHead,
+                        keyserve::scores::head_term(seeds[b], layer, h * d.G + g),
                         key_hash.data()};
       score_item(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, taup + b * d.Q, noise,
                  write_probs, d, op + item * d.S_out, z);

@@ -25,20 +25,20 @@
 #include <limits>
 #include <vector>
 
+#include "prompt_tiles.h"
 #include "vector_math.h"
 
 namespace {
 
 using keyserve::exp16_nonpositive;
-using keyserve::accumulate_values;
 using keyserve::exp_nonpositive;
 using keyserve::f32x16;
 using keyserve::load16;
 using keyserve::store16;
+using keyserve::prompt::kKeys;
+using keyserve::prompt::kKeyVecs;
+using keyserve::prompt::kQueries;
 
-constexpr int64_t kKeys = 64;      // keys per tile: 4 vectors of scores per query row
-constexpr int64_t kQueries = 16;   // query positions per tile (times G heads)
-constexpr int64_t kKeyVecs = kKeys / 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Views {
@@ -62,47 +62,6 @@ struct Tile {
         sum(rows),
         rescale(rows) {}
 };
-
-// scores[m][0, 64) = q[m] . kt[:, 0, 64) for R query rows (kt: [D][stride]):
-// 4 x R accumulators, one broadcast per row and dimension, K loaded once for
-// all R rows.
-template <int64_t D, int R>
-inline void score_rows(const float* q, const float* kt, int64_t stride, float* scores) {
-  f32x16 acc[R][kKeyVecs] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    f32x16 kv[kKeyVecs];
-    for (int64_t c = 0; c < kKeyVecs; ++c) kv[c] = load16(kt + d * stride + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const float qd = q[r * D + d];
-      for (int64_t c = 0; c < kKeyVecs; ++c) acc[r][c] += qd * kv[c];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < kKeyVecs; ++c) store16(scores + r * kKeys + 16 * c, acc[r][c]);
-}
-
-// Rows per register block: R x (accumulator vectors) within 16 registers.
-template <int64_t D>
-constexpr int kValueRows = D == 64 ? 4 : 2;
-
-// The tile's rows in register blocks of R, then one at a time for the tail.
-template <int64_t D>
-void score_tile(const float* q, const float* kt, int64_t stride, float* scores, int64_t rows) {
-  int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) score_rows<D, 4>(q + m * D, kt, stride, scores + m * kKeys);
-  for (; m < rows; ++m) score_rows<D, 1>(q + m * D, kt, stride, scores + m * kKeys);
-}
-
-template <int64_t D>
-void accumulate_tile(const float* p, const float* rescale, const float* v, int64_t v_stride,
-                     int64_t count, float* acc, int64_t rows) {
-  constexpr int R = kValueRows<D>;
-  int64_t m = 0;
-  for (; m + R <= rows; m += R)
-    accumulate_values<D, R>(p + m * kKeys, kKeys, rescale + m, v, v_stride, count, acc + m * D);
-  for (; m < rows; ++m)
-    accumulate_values<D, 1>(p + m * kKeys, kKeys, rescale + m, v, v_stride, count, acc + m * D);
-}
 
 // Scores of one key tile -> probabilities in place, with the running max and
 // sum of each row updated and rescale[m] the factor its earlier terms shrink
@@ -139,12 +98,7 @@ void softmax_tile(float* scores, int64_t rows, int64_t nq, int64_t i0, int64_t j
 template <int64_t D>
 void attend_tile(const Views& x, int64_t h, int64_t i0, int64_t i1, Tile<D>& t) {
   const int64_t nq = i1 - i0, rows = x.G * nq;
-  for (int64_t g = 0; g < x.G; ++g)
-    for (int64_t r = 0; r < nq; ++r) {
-      const float* src = x.q + (i0 + r) * x.q_stride + (h * x.G + g) * D;
-      float* dst = t.q.data() + (g * nq + r) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * x.scale;
-    }
+  keyserve::prompt::load_queries<D>(x.q, x.q_stride, h, x.G, i0, nq, x.scale, t.q.data());
   std::fill(t.acc.begin(), t.acc.begin() + rows * D, 0.f);
   std::fill(t.max.begin(), t.max.begin() + rows, kNegInf);
   std::fill(t.sum.begin(), t.sum.begin() + rows, 0.f);
@@ -152,11 +106,12 @@ void attend_tile(const Views& x, int64_t h, int64_t i0, int64_t i1, Tile<D>& t) 
   for (int64_t j0 = 0; j0 <= last_key; j0 += kKeys) {
     const int64_t count = std::min(kKeys, std::min(x.S, last_key + 1) - j0);
     const float* kt = x.kt + (h * x.key_tiles + j0 / kKeys) * D * kKeys;
-    score_tile<D>(t.q.data(), kt, kKeys, t.p.data(), rows);
+    keyserve::prompt::score_tile<D>(t.q.data(), kt, t.p.data(), kKeys, rows);
     softmax_tile(t.p.data(), rows, nq, i0, j0, count, x.offset, t.max.data(), t.sum.data(),
                  t.rescale.data());
-    accumulate_tile<D>(t.p.data(), t.rescale.data(), x.v + j0 * x.v_stride + h * D, x.v_stride,
-                       count, t.acc.data(), rows);
+    keyserve::prompt::accumulate_tile<D>(t.p.data(), kKeys, t.rescale.data(),
+                                         x.v + j0 * x.v_stride + h * D, x.v_stride, count,
+                                         t.acc.data(), rows);
   }
   for (int64_t g = 0; g < x.G; ++g)
     for (int64_t r = 0; r < nq; ++r) {
@@ -186,50 +141,12 @@ void run(const Views& x, int64_t num_kv_heads) {
   });
 }
 
-// K [S, Hkv, D] (rows with a stride) -> [Hkv][tiles][D][64], zeros past S:
-// a score tile reads 64 keys of one dimension as 4 vectors, and its 16 KB
-// are contiguous (a [D][S] layout puts the D rows a power of two apart,
-// into the same few L1 sets).
-at::Tensor transpose_keys(const at::Tensor& k, int64_t D) {
-  const int64_t S = k.size(0), H = k.size(1), tiles = (S + kKeys - 1) / kKeys;
-  at::Tensor kt = at::empty({H, tiles, D, kKeys}, k.options());
-  const float* src = k.data_ptr<float>();
-  float* dst = kt.data_ptr<float>();
-  const int64_t stride = k.stride(0);
-  at::parallel_for(0, H * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / tiles, j0 = (item % tiles) * kKeys;
-      float* tile = dst + item * D * kKeys;
-      for (int64_t j = 0; j < kKeys; ++j) {
-        const float* row = src + (j0 + j) * stride + h * D;
-        for (int64_t d = 0; d < D; ++d) tile[d * kKeys + j] = j0 + j < S ? row[d] : 0.f;
-      }
-    }
-  });
-  return kt;
-}
-
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3, name,
-              ": float32 CPU [tokens, heads, D]");
-  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), name,
-              ": each row's heads must be contiguous");
-}
-
 void prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, double scale) {
-  check_rows(out, "out");
-  check_rows(q, "q");
-  check_rows(k, "k");
-  check_rows(v, "v");
+  keyserve::prompt::check_prompt_shapes(out, q, k, v);
   const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must be shaped like q");
-  TORCH_CHECK(v.sizes() == k.sizes() && k.size(2) == D, "k and v: [S, Hkv, D] like q's D");
-  TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(S >= n, "fewer keys than queries");
-  TORCH_CHECK(D == 64 || D == 128, "head size 64 or 128 only");
   if (n == 0) return;
-  const at::Tensor kt = transpose_keys(k, D);
+  const at::Tensor kt = keyserve::prompt::transpose_keys(k, D);
   const Views x{q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(),
                 out.data_ptr<float>(), q.stride(0), v.stride(0), out.stride(0), kt.size(1),
                 n, S, Hq / Hkv, S - n, static_cast<float>(scale)};

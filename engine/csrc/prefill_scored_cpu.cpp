@@ -1,0 +1,237 @@
+// Causal attention of a prompt chunk that also adds its H2O / Keyformer
+// scores: every key's attention probability (Keyformer: noisy, tempered)
+// summed over the chunk's queries and the query heads of its KV head.
+//
+// A score needs each query row's softmax normalized over all its visible
+// keys before it can be added to a key, which an online softmax only knows
+// at the end. So each tile of queries keeps its whole rows of logits: 16
+// queries x G heads x S keys (400 KB for SmolLM2 at 2,048 keys, within L2),
+// computed 64 keys at a time by the same micro-kernels as the flash kernel
+// (prompt_tiles.h). A row is then exponentiated once: its attention
+// probabilities (up to a factor) give the score, and P @ V runs over the
+// row in 64-key tiles. Nothing of the size [heads, queries, keys] ever
+// reaches memory, where the BLAS path wrote the logits, read and rewrote
+// them as probabilities, and read them again for P @ V.
+//
+// Scores are added per work item into its own row of a buffer and summed in
+// a fixed order at the end, so they do not depend on the thread count.
+//
+// Op: keyserve::prefill_attention_scored(out [n, Hq, D], scores [Hkv, S]
+//     (added to), q [n, Hq, D], k [S, Hkv, D], v [S, Hkv, D], scale,
+//     query_pos [n] int64, key_pos [S, Hkv] int64, tau [n] float32, seed,
+//     use_noise, layer, noise_table, exp_table (or empty)): query i sees
+//     keys [0, S - n + i]. With use_noise, Keyformer's softmax((x + g) /
+//     tau); without, H2O's softmax(x / tau) (tau is 1 for H2O).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "eviction_scores.h"
+#include "prompt_tiles.h"
+#include "vector_math.h"
+
+namespace {
+
+using keyserve::exp_shifted;
+using keyserve::max_of;
+using keyserve::prompt::kKeys;
+using keyserve::prompt::kQueries;
+using keyserve::scores::Noise;
+
+// Score rows per KV head at most: bounds the buffer that makes the sum's
+// order fixed.
+constexpr int64_t kMaxGroups = 16;
+
+struct Views {
+  const float *q, *kt, *v;  // kt: K transposed by tiles, [Hkv][tiles][D][64]
+  float* out;
+  const int64_t *query_pos, *key_pos;  // [n], [S, Hkv]
+  const float* tau;                    // [n]
+  int64_t q_stride, v_stride, out_stride;
+  int64_t key_tiles, n, S, H, G, offset;  // offset = S - n
+  float scale;
+  int64_t seed, layer;
+  Noise noise;  // base and key_hash are set per query head and work item
+};
+
+// Per-thread buffers: whole logit rows, P @ V accumulators, scratch.
+template <int64_t D>
+struct Rows {
+  int64_t stride;  // floats between logit rows: S rounded up to whole key tiles
+  std::vector<float> q, p, acc, inv, ones, z;
+  std::vector<uint64_t> key_hash;
+  Rows(int64_t rows, int64_t key_tiles, int64_t S)
+      : stride(key_tiles * kKeys),
+        q(rows * D),
+        p(rows * stride),
+        acc(rows * D),
+        inv(rows),
+        ones(rows, 1.f),
+        z(stride),
+        key_hash(S) {}
+};
+
+// x[0, n) -> exp(x - max) in place; adds the row's score to score[0, n) and
+// returns 1 / sum of the exponentials (the output's normalizer).
+float exp_and_score(float* x, int64_t n, float tau, uint64_t qbase, const Noise& noise,
+                    float* score, float* z) {
+  // Keyformer at tau = 1 reuses the attention exponentials: softmax(x + g)
+  // is exp(x) * e^g, renormalized. Otherwise the score is its own softmax.
+  const bool shortcut = tau == 1.f && (!noise.on || noise.exp_table);
+  if (!shortcut) keyserve::scores::add_tempered(x, n, tau, qbase, noise, score, z);
+  const float inv = 1.f / exp_shifted(x, x, n, max_of(x, n));
+  if (!shortcut) return inv;
+  if (noise.on) {
+    keyserve::scores::add_noisy_from_exp(x, n, qbase, noise, score, z);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) score[j] += x[j] * inv;
+  }
+  return inv;
+}
+
+// One tile: the queries [i0, i1) of every query head over KV head h; their
+// scores are added to score [S] (noise.key_hash: h's key terms).
+template <int64_t D>
+void attend_and_score_tile(const Views& x, const Noise& noise, int64_t h, int64_t i0,
+                           int64_t i1, Rows<D>& t, float* score) {
+  const int64_t nq = i1 - i0, rows = x.G * nq;
+  keyserve::prompt::load_queries<D>(x.q, x.q_stride, h, x.G, i0, nq, x.scale, t.q.data());
+  const int64_t width = std::min(x.S, x.offset + i1);  // keys the last query sees
+  const float* kt = x.kt + h * x.key_tiles * D * kKeys;
+  for (int64_t j0 = 0; j0 < width; j0 += kKeys) {
+    keyserve::prompt::score_tile<D>(t.q.data(), kt + j0 * D, t.p.data() + j0, t.stride, rows);
+  }
+  for (int64_t g = 0; g < x.G; ++g) {
+    Noise head = noise;
+    head.base = keyserve::scores::head_term(x.seed, x.layer, h * x.G + g);
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t m = g * nq + r, i = i0 + r, visible = x.offset + i + 1;
+      float* row = t.p.data() + m * t.stride;
+      const uint64_t qbase = head.base + keyserve::scores::query_term(x.query_pos[i]);
+      t.inv[m] = exp_and_score(row, visible, x.tau[i], qbase, head, score, t.z.data());
+      std::fill(row + visible, row + width, 0.f);  // P @ V runs to the last query's width
+    }
+  }
+  std::fill(t.acc.begin(), t.acc.begin() + rows * D, 0.f);
+  for (int64_t j0 = 0; j0 < width; j0 += kKeys) {
+    keyserve::prompt::accumulate_tile<D>(t.p.data() + j0, t.stride, t.ones.data(),
+                                         x.v + j0 * x.v_stride + h * D, x.v_stride,
+                                         std::min(kKeys, width - j0), t.acc.data(), rows);
+  }
+  for (int64_t g = 0; g < x.G; ++g)
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t m = g * nq + r;
+      const float* a = t.acc.data() + m * D;
+      float* o = x.out + (i0 + r) * x.out_stride + (h * x.G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = a[d] * t.inv[m];
+    }
+}
+
+// partial [H, groups, S] -> scores [H, S] += the sum over groups, in order.
+void add_partials(const at::Tensor& partial, at::Tensor& scores) {
+  const int64_t H = partial.size(0), groups = partial.size(1), S = partial.size(2);
+  const float* src = partial.data_ptr<float>();
+  float* dst = scores.data_ptr<float>();
+  at::parallel_for(0, H * S, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t h = e / S, j = e % S;
+      float sum = 0.f;
+      for (int64_t c = 0; c < groups; ++c) sum += src[(h * groups + c) * S + j];
+      dst[e] += sum;
+    }
+  });
+}
+
+template <int64_t D>
+void run(const Views& x, at::Tensor& scores) {
+  const int64_t tiles = (x.n + kQueries - 1) / kQueries;
+  // Pairs of query tiles from both ends balance the causal work (as in the
+  // flash kernel); consecutive pairs form a group, which owns a score row.
+  const int64_t pairs = (tiles + 1) / 2;
+  const int64_t per_group = (pairs + kMaxGroups - 1) / kMaxGroups;
+  const int64_t groups = (pairs + per_group - 1) / per_group;
+  at::Tensor partial = at::zeros({x.H, groups, x.S}, scores.options());
+  float* rows_out = partial.data_ptr<float>();
+  at::parallel_for(0, x.H * groups, 1, [&](int64_t begin, int64_t end) {
+    Rows<D> t(x.G * kQueries, x.key_tiles, x.S);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / groups, group = item % groups;
+      Noise noise = x.noise;
+      if (noise.on) {
+        for (int64_t j = 0; j < x.S; ++j)
+          t.key_hash[j] = keyserve::scores::key_term(x.key_pos[j * x.H + h]);
+        noise.key_hash = t.key_hash.data();
+      }
+      float* score = rows_out + item * x.S;
+      const int64_t last = std::min(pairs, (group + 1) * per_group);
+      for (int64_t first = group * per_group; first < last; ++first) {
+        const int64_t second = tiles - 1 - first;
+        attend_and_score_tile<D>(x, noise, h, first * kQueries,
+                                 std::min(x.n, (first + 1) * kQueries), t, score);
+        if (second != first) {  // an odd count's middle tile runs once
+          attend_and_score_tile<D>(x, noise, h, second * kQueries,
+                                   std::min(x.n, (second + 1) * kQueries), t, score);
+        }
+      }
+    }
+  });
+  add_partials(partial, scores);
+}
+
+void check_indices(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.sizes() == shape, what);
+}
+
+void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, double scale,
+                              const at::Tensor& query_pos, const at::Tensor& key_pos,
+                              const at::Tensor& tau, int64_t seed, bool use_noise, int64_t layer,
+                              const at::Tensor& noise_table, const at::Tensor& exp_table) {
+  keyserve::prompt::check_prompt_shapes(out, q, k, v);
+  const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() &&
+                  scores.sizes() == at::IntArrayRef({Hkv, S}),
+              "scores: contiguous float32 [Hkv, S]");
+  check_indices(query_pos, {n}, "query_pos: contiguous int64 [n]");
+  check_indices(key_pos, {S, Hkv}, "key_pos: contiguous int64 [S, Hkv]");
+  TORCH_CHECK(tau.scalar_type() == at::kFloat && tau.is_contiguous() && tau.numel() == n,
+              "tau: contiguous float32 [n]");
+  const int shift = keyserve::scores::check_noise_tables(noise_table, exp_table);
+  if (n == 0) return;
+  const at::Tensor kt = keyserve::prompt::transpose_keys(k, D);
+  const Noise noise{noise_table.data_ptr<float>(),
+                    exp_table.numel() ? exp_table.data_ptr<float>() : nullptr,
+                    shift,
+                    use_noise,
+                    0,
+                    nullptr};
+  const Views x{q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(),
+                out.data_ptr<float>(), query_pos.data_ptr<int64_t>(),
+                key_pos.data_ptr<int64_t>(), tau.data_ptr<float>(), q.stride(0), v.stride(0),
+                out.stride(0), kt.size(1), n, S, Hkv, Hq / Hkv, S - n,
+                static_cast<float>(scale), seed, layer, noise};
+  if (D == 64) {
+    run<64>(x, scores);
+  } else {
+    run<128>(x, scores);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(keyserve, m) {
+  m.def(
+      "prefill_attention_scored(Tensor(a!) out, Tensor(b!) scores, Tensor q, Tensor k, "
+      "Tensor v, float scale, Tensor query_pos, Tensor key_pos, Tensor tau, int seed, "
+      "bool use_noise, int layer, Tensor noise_table, Tensor exp_table) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(keyserve, CPU, m) {
+  m.impl("prefill_attention_scored", &prefill_attention_scored);
+}
