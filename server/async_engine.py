@@ -18,6 +18,7 @@ from typing import Any
 
 from engine import LLMEngine, RequestOutput, SamplingParams
 from engine.llm_engine import PromptType
+from engine.openmp import release_thread_pool
 from server.errors import DrainingError, EngineDeadError, QueueFullError
 from server.metrics import ServerMetrics
 
@@ -142,6 +143,9 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # The model was loaded on this thread: its idle OpenMP workers would
+        # slow the engine thread's every parallel region (engine/openmp.py).
+        release_thread_pool()
         self._thread = threading.Thread(target=self._run, name="keyserve-engine", daemon=True)
         self._thread.start()
 
