@@ -18,6 +18,7 @@ from engine import flashinfer_attention
 from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
 from engine.cpu_kernels import (
     accumulate_scores,
+    add_decode_scores,
     paged_decode_attention,
     prefill_attention,
     prefill_attention_scored,
@@ -218,7 +219,8 @@ class PagedAttention(nn.Module):
         return paged_decode_attention()
 
     def _decode_in_place(self, kernel, q: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
-        """Attention read straight from the paged cache: no per-step gather of K/V."""
+        """Attention read straight from the paged cache: no per-step gather of
+        K/V. Its C++ score op comes from the same library as the kernel."""
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         logits = q.new_empty(0)
         if d.scoring is not None:
@@ -234,10 +236,13 @@ class PagedAttention(nn.Module):
             logits,
         )
         if d.scoring is not None:
-            s = d.scoring
-            b, H, G = s.rows.shape[0], self.num_kv_heads, self.group
-            k_pos = self._read_positions(s.block_tables)
-            self._score_decode(_pick(logits, s).view(b, H, G, -1), k_pos, s)
+            # Scores go straight into the cache slots, positions read in place.
+            s, H = d.scoring, self.num_kv_heads
+            add_decode_scores()(
+                self.score_cache.view(-1, H), _pick(logits, s).contiguous(),
+                s.key_slots.view(s.rows.shape[0], -1), self.pos_cache.view(-1, H), s.num_keys,
+                s.query_positions, s.tau, s.seed, s.gumbel, self.layer_idx, gumbel_table(q.device),
+            )  # fmt: skip
         return out
 
     @staticmethod

@@ -29,6 +29,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "kv_write_cpu.cpp",
     Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp",
     Path(__file__).parent / "csrc" / "prefill_scored_cpu.cpp",
+    Path(__file__).parent / "csrc" / "decode_scores_cpu.cpp",
 ]
 # Part of the cache key.
 HEADERS = [
@@ -65,6 +66,11 @@ def paged_decode_attention() -> Callable[..., None] | None:
 def accumulate_scores() -> Callable[..., None] | None:
     """torch.ops.keyserve.accumulate_scores, or None where it cannot be built."""
     return torch.ops.keyserve.accumulate_scores if _library() else None
+
+
+def add_decode_scores() -> Callable[..., None] | None:
+    """torch.ops.keyserve.add_decode_scores, or None where it cannot be built."""
+    return torch.ops.keyserve.add_decode_scores if _library() else None
 
 
 def lowest_priority_slots() -> Callable[..., torch.Tensor] | None:

@@ -364,3 +364,42 @@ def test_scored_prompt_attention_rejects_what_it_cannot_do():
     q, k = torch.randn(4, 2, 32), torch.randn(4, 1, 32)
     with pytest.raises(RuntimeError, match="head size 64 or 128"):
         op(torch.empty_like(q), torch.zeros(1, 4), q, k, k, *args)
+
+
+def test_decode_scores_added_in_place_equal_torch():
+    """A decode step's scores straight into the score cache: positions read
+    through each row's slots, noise on and off, ragged key counts, tau > 1,
+    and slots scattered over the cache (untouched slots keep their score)."""
+    g = torch.Generator().manual_seed(17)
+    N, H, G, b, L, layer = 300, 3, 3, 4, 40, 6
+    score_cache = torch.rand(N, H, generator=g)
+    pos_cache = torch.randint(0, 5000, (N, H), generator=g, dtype=torch.int32)
+    logits = torch.randn(b, H * G, L, generator=g) * 3
+    key_slots = torch.randperm(N, generator=g)[: b * L].view(b, L).contiguous()
+    num_keys = torch.tensor([40, 1, 23, 37])
+    query_pos = torch.tensor([5000, 5001, 6000, 7000])
+    tau = torch.tensor([1.0, 1.5, 1.0, 2.0])
+    seed = torch.tensor([3, 2**40, -5, 9])
+    use_noise = torch.tensor([True, True, False, True])
+    expected = score_cache.clone()
+    cpu_kernels.add_decode_scores()(
+        score_cache, logits, key_slots, pos_cache, num_keys, query_pos, tau, seed, use_noise,
+        layer, gumbel_table(),
+    )  # fmt: skip
+    head = torch.arange(H * G).view(H, G, 1)
+    for r in range(b):
+        n = int(num_keys[r])
+        slots = key_slots[r, :n]
+        x = logits[r, :, :n].reshape(H, G, n)
+        noise = None
+        if use_noise[r]:
+            kp = pos_cache[slots].long().transpose(0, 1).view(H, 1, n)
+            noise = gumbel_noise(seed[r], layer, head, query_pos[r], kp)
+        contrib = step_scores(x, tau[r], noise).sum(1)  # [H, n]
+        expected[slots] += contrib.transpose(0, 1)
+    torch.testing.assert_close(score_cache, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.add_decode_scores()(
+            score_cache, logits, key_slots + N, pos_cache, num_keys, query_pos, tau, seed,
+            use_noise, layer, gumbel_table(),
+        )  # fmt: skip
