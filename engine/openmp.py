@@ -33,7 +33,8 @@ def _runtime() -> ctypes.CDLL | None:
     except OSError:
         return None
     for line in maps.splitlines():
-        path = line.split()[-1] if line.split() else ""
+        fields = line.split()  # the sixth, when there is one, is the mapped file
+        path = fields[5] if len(fields) > 5 else ""
         if any(Path(path).name.startswith(name) for name in _RUNTIMES):
             try:
                 return ctypes.CDLL(path)

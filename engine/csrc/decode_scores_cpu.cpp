@@ -30,14 +30,8 @@
 
 namespace {
 
+using keyserve::scores::check_input;
 using keyserve::scores::Noise;
-
-void check_contiguous(const at::Tensor& t, at::ScalarType type, at::IntArrayRef shape,
-                      const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() &&
-                  t.sizes() == shape,
-              what);
-}
 
 void add_decode_scores(at::Tensor score_cache, const at::Tensor& logits,
                        const at::Tensor& key_slots, const at::Tensor& pos_cache,
@@ -50,15 +44,15 @@ void add_decode_scores(at::Tensor score_cache, const at::Tensor& logits,
   const int64_t N = score_cache.size(0), H = score_cache.size(1);
   const int64_t b = logits.size(0), Hq = logits.size(1), L = logits.size(2);
   TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
-  check_contiguous(score_cache, at::kFloat, {N, H}, "score_cache: contiguous float32 [N, Hkv]");
-  check_contiguous(logits, at::kFloat, {b, Hq, L}, "logits: contiguous float32 [b, Hq, L]");
-  check_contiguous(key_slots, at::kLong, {b, L}, "key_slots: contiguous int64 [b, L]");
-  check_contiguous(pos_cache, at::kInt, {N, H}, "pos_cache: contiguous int32 [N, Hkv]");
-  check_contiguous(num_keys, at::kLong, {b}, "num_keys: contiguous int64 [b]");
-  check_contiguous(query_pos, at::kLong, {b}, "query_pos: contiguous int64 [b]");
-  check_contiguous(tau, at::kFloat, {b}, "tau: contiguous float32 [b]");
-  check_contiguous(seed, at::kLong, {b}, "seed: contiguous int64 [b]");
-  check_contiguous(use_noise, at::kBool, {b}, "use_noise: contiguous bool [b]");
+  check_input(score_cache, at::kFloat, {N, H}, "score_cache: contiguous float32 [N, Hkv]");
+  check_input(logits, at::kFloat, {b, Hq, L}, "logits: contiguous float32 [b, Hq, L]");
+  check_input(key_slots, at::kLong, {b, L}, "key_slots: contiguous int64 [b, L]");
+  check_input(pos_cache, at::kInt, {N, H}, "pos_cache: contiguous int32 [N, Hkv]");
+  check_input(num_keys, at::kLong, {b}, "num_keys: contiguous int64 [b]");
+  check_input(query_pos, at::kLong, {b}, "query_pos: contiguous int64 [b]");
+  check_input(tau, at::kFloat, {b}, "tau: contiguous float32 [b]");
+  check_input(seed, at::kLong, {b}, "seed: contiguous int64 [b]");
+  check_input(use_noise, at::kBool, {b}, "use_noise: contiguous bool [b]");
   const int shift = keyserve::scores::check_noise_tables(noise_table, at::empty({0}, noise_table.options()));
   const int64_t G = Hq / H;
 

@@ -1,6 +1,6 @@
 // One query row's H2O / Keyformer score contribution, shared by the score
-// kernel (eviction_scores_cpu.cpp) and the scored prompt attention
-// (prefill_scored_cpu.cpp).
+// kernel (eviction_scores_cpu.cpp), the scored prompt attention
+// (prefill_scored_cpu.cpp) and the decode score op (decode_scores_cpu.cpp).
 //
 // Keyformer's Gumbel noise is a splitmix64 hash of (seed, layer, query head,
 // query position, key position) whose top bits index a table of Gumbel(0, 1)
@@ -44,6 +44,14 @@ inline uint64_t query_term(int64_t query_pos) {
 }
 
 inline uint64_t key_term(int64_t key_pos) { return static_cast<uint64_t>(key_pos) * kKeyPos; }
+
+// An input of the score ops: a contiguous CPU tensor of one type and shape.
+inline void check_input(const at::Tensor& t, at::ScalarType type, at::IntArrayRef shape,
+                        const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() &&
+                  t.sizes() == shape,
+              what);
+}
 
 // Checks the Gumbel table (float32, a power-of-two size) and its optional
 // table of exponentials (empty, or float32 of the same size); returns the
@@ -94,12 +102,13 @@ inline void add_tempered(const float* x, int64_t n, float tau, uint64_t qbase,
 // normalized. Needs noise.exp_table.
 inline void add_noisy_from_exp(const float* e, int64_t n, uint64_t qbase, const Noise& noise,
                                float* row, float* z) {
-  // Gathers in a loop of their own: with the sum in it, the loop does not vectorize.
-#pragma omp simd
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
     z[j] = e[j] * noise.exp_table[finalize(qbase + noise.key_hash[j]) >> noise.shift];
+    sum += z[j];
   }
-  const float inv_sum = 1.f / sum_of(z, n);
+  const float inv_sum = 1.f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] += z[j] * inv_sum;
 }

@@ -41,6 +41,7 @@ using keyserve::exp_shifted;
 using keyserve::max_of;
 using keyserve::prompt::kKeys;
 using keyserve::prompt::kQueries;
+using keyserve::scores::check_input;
 using keyserve::scores::Noise;
 
 // Score rows per KV head at most: bounds the buffer that makes the sum's
@@ -184,10 +185,6 @@ void run(const Views& x, at::Tensor& scores) {
   add_partials(partial, scores);
 }
 
-void check_indices(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.sizes() == shape, what);
-}
-
 void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, double scale,
                               const at::Tensor& query_pos, const at::Tensor& key_pos,
@@ -195,13 +192,10 @@ void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tenso
                               const at::Tensor& noise_table, const at::Tensor& exp_table) {
   keyserve::prompt::check_prompt_shapes(out, q, k, v);
   const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() &&
-                  scores.sizes() == at::IntArrayRef({Hkv, S}),
-              "scores: contiguous float32 [Hkv, S]");
-  check_indices(query_pos, {n}, "query_pos: contiguous int64 [n]");
-  check_indices(key_pos, {S, Hkv}, "key_pos: contiguous int64 [S, Hkv]");
-  TORCH_CHECK(tau.scalar_type() == at::kFloat && tau.is_contiguous() && tau.numel() == n,
-              "tau: contiguous float32 [n]");
+  check_input(scores, at::kFloat, {Hkv, S}, "scores: contiguous float32 [Hkv, S]");
+  check_input(query_pos, at::kLong, {n}, "query_pos: contiguous int64 [n]");
+  check_input(key_pos, at::kLong, {S, Hkv}, "key_pos: contiguous int64 [S, Hkv]");
+  check_input(tau, at::kFloat, {n}, "tau: contiguous float32 [n]");
   const int shift = keyserve::scores::check_noise_tables(noise_table, exp_table);
   if (n == 0) return;
   const at::Tensor kt = keyserve::prompt::transpose_keys(k, D);
