@@ -83,6 +83,16 @@ inline float max_of(const float* x, int64_t n) {
   return out;
 }
 
+// x[0] + ... + x[n - 1], 16 lanes at a time.
+inline float sum_of(const float* x, int64_t n) {
+  f32x16 acc = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc += load16(x + j);
+  float sum = sum16(acc);
+  for (; j < n; ++j) sum += x[j];
+  return sum;
+}
+
 // dst[j] = exp(src[j] - m) for j < n (src may be dst); returns their sum.
 inline float exp_shifted(const float* src, float* dst, int64_t n, float m) {
   f32x16 acc = {};
