@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import LLMEngine, RequestOutput, SamplingParams
+from engine.host_malloc import keep_freed_host_memory
 from engine.llm_engine import PromptType
 from engine.openmp import release_thread_pool
 from server.errors import DrainingError, EngineDeadError, QueueFullError
@@ -146,6 +147,9 @@ class AsyncEngine:
         # The model was loaded on this thread: its idle OpenMP workers would
         # slow the engine thread's every parallel region (engine/openmp.py).
         release_thread_pool()
+        # The engine thread allocates from an arena of its own, which would
+        # hand its step's memory back to the OS at every free (engine/host_malloc.py).
+        keep_freed_host_memory()
         self._thread = threading.Thread(target=self._run, name="keyserve-engine", daemon=True)
         self._thread.start()
 

@@ -41,9 +41,14 @@ def test_release_ends_the_threads_workers():
     assert int(after) == int(before)
 
 
-def test_the_server_releases_its_loop_threads_workers(monkeypatch):
+def test_the_server_readies_the_host_before_its_engine_thread_starts(monkeypatch):
+    """It releases its loop thread's workers, and has malloc keep freed memory
+    (engine/host_malloc.py), before the engine thread makes its first step."""
     calls = []
-    monkeypatch.setattr("server.async_engine.release_thread_pool", lambda: calls.append(1))
+    monkeypatch.setattr("server.async_engine.release_thread_pool", lambda: calls.append("omp"))
+    monkeypatch.setattr(
+        "server.async_engine.keep_freed_host_memory", lambda: calls.append("malloc")
+    )
 
     class Idle:
         def has_unfinished_requests(self) -> bool:
@@ -55,4 +60,4 @@ def test_the_server_releases_its_loop_threads_workers(monkeypatch):
         await engine.shutdown()
 
     asyncio.run(start_and_stop())
-    assert calls == [1]
+    assert calls == ["omp", "malloc"]
