@@ -185,6 +185,44 @@ def test_score_accumulation_equals_torch():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "name, bad, message",
+    [
+        ("seed", torch.tensor([1]), "seed: contiguous int64"),
+        ("num_visible", torch.tensor([[1, 2, 3]]).expand(2, 3), "num_visible: contiguous int64"),
+        ("query_pos", torch.zeros(2, 4, dtype=torch.int32), "query_pos: contiguous int64"),
+        ("tau", torch.ones(2), "tau: contiguous float32"),
+        ("use_noise", torch.tensor([True]), "use_noise: contiguous bool"),
+        ("exp_table", torch.ones(8), "exp_table: empty, or contiguous float32"),
+    ],
+)
+def test_score_accumulation_refuses_inputs_of_another_shape(name, bad, message):
+    """Each index input must match the logits' B and Q (a short one would be
+    read past its end), and the exp table the noise table's size."""
+    B, H, G, Q, S = 2, 1, 2, 4, 6
+    inputs = {
+        "num_visible": torch.full((B, Q), S),
+        "query_pos": torch.zeros(B, Q, dtype=torch.long),
+        "key_pos": torch.zeros(B, S, H, dtype=torch.long),
+        "tau": torch.ones(B, Q),
+        "seed": torch.zeros(B, dtype=torch.long),
+        "use_noise": torch.ones(B, dtype=torch.bool),
+        "exp_table": torch.empty(0),
+    }
+
+    def call():
+        cpu_kernels.accumulate_scores()(
+            torch.zeros(B, H, G, S), torch.randn(B, H, G, Q, S), inputs["num_visible"],
+            inputs["query_pos"], inputs["key_pos"], inputs["tau"], inputs["seed"],
+            inputs["use_noise"], 0, gumbel_table(), inputs["exp_table"], False,
+        )  # fmt: skip
+
+    call()  # every input right: it goes through
+    inputs[name] = bad
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
 @pytest.mark.parametrize("with_exp_table", [True, False])
 def test_scores_with_probabilities_written_in_place(with_exp_table):
     """A prompt chunk's mode: the logits become softmax(logits) over each

@@ -53,7 +53,7 @@ void add_decode_scores(at::Tensor score_cache, const at::Tensor& logits,
   check_input(tau, at::kFloat, {b}, "tau: contiguous float32 [b]");
   check_input(seed, at::kLong, {b}, "seed: contiguous int64 [b]");
   check_input(use_noise, at::kBool, {b}, "use_noise: contiguous bool [b]");
-  const int shift = keyserve::scores::check_noise_tables(noise_table, at::empty({0}, noise_table.options()));
+  const int shift = keyserve::scores::check_noise_table(noise_table);
   const int64_t G = Hq / H;
 
   float* scores = score_cache.data_ptr<float>();

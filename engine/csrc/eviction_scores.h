@@ -53,19 +53,22 @@ inline void check_input(const at::Tensor& t, at::ScalarType type, at::IntArrayRe
               what);
 }
 
-// Checks the Gumbel table (float32, a power-of-two size) and its optional
-// table of exponentials (empty, or float32 of the same size); returns the
-// shift s such that hash >> s indexes them.
-inline int check_noise_tables(const at::Tensor& noise_table, const at::Tensor& exp_table) {
+// Checks the Gumbel table (float32, a power-of-two size); returns the shift
+// s such that hash >> s indexes it (and its table of exponentials).
+inline int check_noise_table(const at::Tensor& noise_table) {
   const int64_t size = noise_table.numel();
-  TORCH_CHECK(size > 1 && (size & (size - 1)) == 0 && noise_table.scalar_type() == at::kFloat &&
-                  noise_table.is_contiguous(),
-              "noise_table: float32 of a power-of-two size");
-  TORCH_CHECK(exp_table.numel() == 0 || (exp_table.numel() == size &&
-                                         exp_table.scalar_type() == at::kFloat &&
-                                         exp_table.is_contiguous()),
-              "exp_table: empty, or float32 the size of noise_table");
+  TORCH_CHECK(noise_table.device().is_cpu() && size > 1 && (size & (size - 1)) == 0 &&
+                  noise_table.scalar_type() == at::kFloat && noise_table.is_contiguous(),
+              "noise_table: contiguous float32 of a power-of-two size");
   return 64 - static_cast<int>(std::log2(static_cast<double>(size)));
+}
+
+// The optional table of exponentials: empty, or float32 the size of noise_table.
+inline void check_exp_table(const at::Tensor& exp_table, const at::Tensor& noise_table) {
+  TORCH_CHECK(exp_table.numel() == 0 ||
+                  (exp_table.device().is_cpu() && exp_table.numel() == noise_table.numel() &&
+                   exp_table.scalar_type() == at::kFloat && exp_table.is_contiguous()),
+              "exp_table: empty, or contiguous float32 the size of noise_table");
 }
 
 // What one (sequence, KV head, query head) work item reads besides its rows.

@@ -44,6 +44,7 @@ using keyserve::max_of;
 
 using keyserve::scores::add_noisy_from_exp;
 using keyserve::scores::add_tempered;
+using keyserve::scores::check_input;
 using keyserve::scores::Noise;
 using keyserve::scores::query_term;
 
@@ -98,20 +99,23 @@ void accumulate_scores(at::Tensor out, at::Tensor logits, const at::Tensor& num_
                        const at::Tensor& tau, const at::Tensor& seed, const at::Tensor& use_noise,
                        int64_t layer, const at::Tensor& noise_table, const at::Tensor& exp_table,
                        bool write_probs) {
-  TORCH_CHECK(logits.dim() == 5 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 5 &&
+                  logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "logits: contiguous float32 [B, Hkv, G, Q, S]");
   const Dims d{logits.size(0), logits.size(1), logits.size(2),
                logits.size(3), logits.size(4), out.dim() == 4 ? out.size(3) : -1};
   TORCH_CHECK(out.dim() == 4 && out.size(0) == d.B && out.size(1) == d.H && out.size(2) == d.G &&
-                  d.S_out >= d.S && out.is_contiguous() && out.scalar_type() == at::kFloat,
+                  d.S_out >= d.S && out.device().is_cpu() && out.is_contiguous() &&
+                  out.scalar_type() == at::kFloat,
               "out: contiguous float32 [B, Hkv, G, S_out >= S]");
-  for (const auto* t : {&num_visible, &query_pos, &seed, &key_pos}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "int64 contiguous indices");
-  }
-  TORCH_CHECK(key_pos.sizes() == at::IntArrayRef({d.B, d.S, d.H}), "key_pos: [B, S, Hkv]");
-  TORCH_CHECK(tau.scalar_type() == at::kFloat && tau.is_contiguous(), "tau: float32 [B, Q]");
-  TORCH_CHECK(use_noise.scalar_type() == at::kBool && use_noise.is_contiguous(), "use_noise: bool");
-  const int table_shift = keyserve::scores::check_noise_tables(noise_table, exp_table);
+  check_input(num_visible, at::kLong, {d.B, d.Q}, "num_visible: contiguous int64 [B, Q]");
+  check_input(query_pos, at::kLong, {d.B, d.Q}, "query_pos: contiguous int64 [B, Q]");
+  check_input(key_pos, at::kLong, {d.B, d.S, d.H}, "key_pos: contiguous int64 [B, S, Hkv]");
+  check_input(tau, at::kFloat, {d.B, d.Q}, "tau: contiguous float32 [B, Q]");
+  check_input(seed, at::kLong, {d.B}, "seed: contiguous int64 [B]");
+  check_input(use_noise, at::kBool, {d.B}, "use_noise: contiguous bool [B]");
+  const int table_shift = keyserve::scores::check_noise_table(noise_table);
+  keyserve::scores::check_exp_table(exp_table, noise_table);
 
   float* lp = logits.data_ptr<float>();
   const int64_t* vis = num_visible.data_ptr<int64_t>();

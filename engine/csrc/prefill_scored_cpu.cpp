@@ -196,7 +196,8 @@ void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tenso
   check_input(query_pos, at::kLong, {n}, "query_pos: contiguous int64 [n]");
   check_input(key_pos, at::kLong, {S, Hkv}, "key_pos: contiguous int64 [S, Hkv]");
   check_input(tau, at::kFloat, {n}, "tau: contiguous float32 [n]");
-  const int shift = keyserve::scores::check_noise_tables(noise_table, exp_table);
+  const int shift = keyserve::scores::check_noise_table(noise_table);
+  keyserve::scores::check_exp_table(exp_table, noise_table);
   if (n == 0) return;
   const at::Tensor kt = keyserve::prompt::transpose_keys(k, D);
   const Noise noise{noise_table.data_ptr<float>(),
