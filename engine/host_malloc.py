@@ -10,7 +10,7 @@ benchmark (512-token prompts, 16 at a time, SmolLM2 on 2 cores): 38-39k page
 faults per 2,048-token step, against 4k with the settings below; the
 server's system time over a run went from 3.5-7.0 s to 2.8-3.1 s. On 2 cores
 that is 1-2% of a step, under the machine's noise; page faults scale worse
-than the math with more cores, which is where this matters more.
+than the math with more cores, where this should matter more.
 
 Fixing three of malloc's thresholds keeps the memory: blocks under 32 MB come
 from the arena, not from mmap; a free top is trimmed only past 256 MB; and a
