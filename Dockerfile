@@ -79,7 +79,7 @@ COPY kv_manager ./kv_manager
 RUN pip install ".[gpu]" \
     && fi_version="$(python -c "import importlib.metadata as m; print(m.version('flashinfer-python'))")" \
     && pip install --extra-index-url "$FLASHINFER_INDEX_URL" "flashinfer-jit-cache==${fi_version}" \
-    && python -c "from engine.default_model import default_model_path; print(default_model_path())" \
+    && python -c "from engine.loading.default_model import default_model_path; print(default_model_path())" \
     && chown -R keyserve:keyserve "$KEYSERVE_CACHE_DIR" \
     && chmod -R a+rX "$KEYSERVE_CACHE_DIR"
 

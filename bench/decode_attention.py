@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from engine.cpu_kernels import paged_decode_attention
-from engine.huge_pages import empty_with_huge_pages
+from engine.host.huge_pages import empty_with_huge_pages
+from engine.kernels.cpu import paged_decode_attention
 
 LAYERS, HQ, HKV, D, BLOCK = 30, 9, 3, 64, 16
 SHAPES = ((16, 550, True), (8, 2304, False), (16, 1100, False))  # sequences, keys, logits
@@ -45,12 +45,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     kernel = paged_decode_attention()
     if kernel is None:
-        raise SystemExit("the CPU kernels are not available here (see engine/cpu_kernels.py)")
+        raise SystemExit("the CPU kernels are not available here (see engine/kernels/cpu.py)")
     shape = (LAYERS, 2048, BLOCK, HKV, D)
     cpu = torch.device("cpu")
     if args.small_pages:
         k_cache, v_cache = torch.randn(shape), torch.randn(shape)
-    else:  # as engine/kv_cache.py allocates it
+    else:  # as engine/runtime/kv_cache.py allocates it
         k_cache = empty_with_huge_pages(*shape, dtype=torch.float32, device=cpu).normal_()
         v_cache = empty_with_huge_pages(*shape, dtype=torch.float32, device=cpu).normal_()
     for batch, keys, logits in SHAPES:

@@ -351,7 +351,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     from bench.data import corpus_path
 
     return {
-        "model": "embedded SmolLM2-135M-Instruct (engine.default_model), float32, CPU",
+        "model": "embedded SmolLM2-135M-Instruct (engine.loading.default_model), float32, CPU",
         "policies": args.policies,
         "budgets": args.budgets,
         "kv_settings": {k: v for k, v in FULL.settings().__dict__.items() if k != "kv_policy"}

@@ -31,7 +31,7 @@ engine (its greedy tokens must equal the engine's):
   summed over all queries and over the query heads of a kv-head;
 - ties evict the older token; an evicted token never returns.
 
-The score arithmetic follows engine/attention.py (prompt queries in chunks of
+The score arithmetic follows engine/attention/layer.py (prompt queries in chunks of
 SCORE_QUERY_CHUNK, float32 throughout), so accumulated scores agree with the
 engine's up to float rounding. Only models without ALiBi or sliding windows
 are supported (the embedded SmolLM2 is RoPE-only).
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention import SCORE_QUERY_CHUNK, PagedAttention
+from engine.attention.layer import SCORE_QUERY_CHUNK, PagedAttention
 from kv_manager.policies import KVPolicySettings
 from kv_manager.scoring import gumbel_noise, step_scores
 
@@ -153,7 +153,7 @@ def _prompt_scores(
     tau_init: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulated prompt scores [Hkv, n] for h2o and keyformer, chunk by chunk
-    as engine/attention.py's _score_prefill computes them. A chunk's queries
+    as engine/attention/layer.py's _score_prefill computes them. A chunk's queries
     see only keys up to its last position, so later keys (all masked, adding
     exactly 0) are left out, which halves the cost of the noise."""
     H, G, n = attn.num_kv_heads, attn.group, k.shape[0]
@@ -318,7 +318,7 @@ class BatchDecode:
                 self._step_oracle.setdefault((r, ratio), []).append(best)
 
     def _score(self, i: int, masked: torch.Tensor, pos: int) -> None:
-        """Add this step's h2o / keyformer contribution as engine/attention.py's
+        """Add this step's h2o / keyformer contribution as engine/attention/layer.py's
         _score_decode does: noise times the row's gumbel flag, float32 tau."""
         rows = self.scored_rows
         H, G, N = masked.shape[1:]

@@ -49,7 +49,7 @@ def engine_noise(mode: str) -> Iterator[None]:
     """`finite`: the engine's attention draws Keyformer's noise through
     finite_gumbel_noise (its +inf replaced, see bench/eviction_dense.py) for
     the duration; `as-is`: untouched."""
-    import engine.attention as attention
+    import engine.attention.layer as attention
 
     if mode == "as-is":
         yield
@@ -82,7 +82,7 @@ def load_llm(**kwargs: Any) -> Any:
     context is silenced: every pool here is sized for its workload."""
     from engine import LLM
 
-    engine_log = logging.getLogger("engine.llm_engine")
+    engine_log = logging.getLogger("engine.runtime.llm_engine")
     level = engine_log.level
     engine_log.setLevel(logging.ERROR)
     try:

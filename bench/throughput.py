@@ -319,7 +319,7 @@ def run_benchmark(
 ) -> None:
     """Fill `report`, calling `checkpoint` after each N so that an interrupted
     run leaves the sizes it finished on disk."""
-    from engine.default_model import default_model_path
+    from engine.loading.default_model import default_model_path
 
     progress.start("loading keyserve")
     t0 = time.perf_counter()
@@ -367,7 +367,7 @@ def _row_summary(row: dict) -> str:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "model": "embedded SmolLM2-135M-Instruct (engine.default_model), float32, CPU",
+        "model": "embedded SmolLM2-135M-Instruct (engine.loading.default_model), float32, CPU",
         "sizes": args.sizes,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,

@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from engine import LLMEngine
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.loading.tokenizer import Tokenizer, load_tokenizer
 from server.async_engine import AsyncEngine
 from server.errors import (
     BadRequestError,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import LLMEngine, RequestOutput, SamplingParams
-from engine.host_malloc import keep_freed_host_memory
-from engine.llm_engine import PromptType
-from engine.openmp import release_thread_pool
+from engine.host.malloc import keep_freed_host_memory
+from engine.host.openmp import release_thread_pool
+from engine.runtime.llm_engine import PromptType
 from server.errors import DrainingError, EngineDeadError, QueueFullError
 from server.metrics import ServerMetrics
 
@@ -145,10 +145,10 @@ class AsyncEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         # The model was loaded on this thread: its idle OpenMP workers would
-        # slow the engine thread's every parallel region (engine/openmp.py).
+        # slow the engine thread's every parallel region (engine/host/openmp.py).
         release_thread_pool()
         # The engine thread allocates from an arena of its own, which would
-        # hand its step's memory back to the OS at every free (engine/host_malloc.py).
+        # hand its step's memory back to the OS at every free (engine/host/malloc.py).
         keep_freed_host_memory()
         self._thread = threading.Thread(target=self._run, name="keyserve-engine", daemon=True)
         self._thread.start()

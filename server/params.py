@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from engine import RequestOutput, SamplingParams
-from engine.llm_engine import PromptType
+from engine.runtime.llm_engine import PromptType
 from kv_manager.policies import KV_POLICY_FIELDS
 from server.async_engine import EngineRequest
 from server.errors import BadRequestError, ModelNotFoundError, bad_request_from

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from engine import RequestOutput
-from engine.llm_engine import PromptType
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.loading.tokenizer import Tokenizer
+from engine.runtime.llm_engine import PromptType
+from engine.runtime.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, RequestGroup
 from server.errors import APIError, bad_request_from, error_response
 from server.params import fan_out, usage_of

@@ -4,8 +4,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from engine import RequestOutput
-from engine.outputs import Logprob
-from engine.tokenizer import Tokenizer
+from engine.loading.tokenizer import Tokenizer
+from engine.runtime.outputs import Logprob
 from server.errors import BadRequestError
 from server.params import build_sampling_params, check_model
 from server.protocol import (

@@ -4,8 +4,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from engine import RequestOutput
-from engine.llm_engine import PromptType
-from engine.outputs import Logprob
+from engine.runtime.llm_engine import PromptType
+from engine.runtime.outputs import Logprob
 from server.errors import BadRequestError
 from server.params import build_sampling_params, check_model
 from server.protocol import (

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import PagedAttention
-from engine.sampler import SamplingRow, sample
-from engine.sampling_params import SamplingParams
+from engine.attention.layer import PagedAttention
+from engine.runtime.sampler import SamplingRow, sample
+from engine.runtime.sampling_params import SamplingParams
 from kv_manager.policies import KVPolicySettings
 from kv_manager.scoring import gumbel_noise
 

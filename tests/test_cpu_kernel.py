@@ -1,4 +1,4 @@
-"""The C++ paged-decode kernel (engine/csrc/) against plain torch: the same
+"""The C++ paged-decode kernel (engine/kernels/csrc/) against plain torch: the same
 attention output and logits for random caches, block tables with padding,
 ragged lengths, and every GQA grouping and head size it specializes."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_kernels
+from engine.kernels import cpu as cpu_kernels
 from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
 kernel = cpu_kernels.paged_decode_attention()

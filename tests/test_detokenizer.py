@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.default_model import default_model_path
-from engine.detokenizer import IncrementalDetokenizer, find_stop
-from engine.tokenizer import load_tokenizer
+from engine.loading.default_model import default_model_path
+from engine.loading.tokenizer import load_tokenizer
+from engine.runtime.detokenizer import IncrementalDetokenizer, find_stop
 
 REPLACEMENT = "\ufffd"
 

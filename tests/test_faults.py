@@ -113,7 +113,7 @@ def _free_port() -> int:
 # The forward pass raises for one marked prompt: the engine loop dies.
 CRASHING_SERVE = """
 import sys
-from engine.model_runner import ModelRunner
+from engine.runtime.model_runner import ModelRunner
 from server.cli import main
 
 execute = ModelRunner.execute

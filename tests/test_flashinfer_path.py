@@ -1,4 +1,4 @@
-"""The CUDA paged-attention path (engine/flashinfer_attention.py).
+"""The CUDA paged-attention path (engine/attention/flashinfer.py).
 
 On CPU, a stand-in with FlashInfer's documented contract (fake_flashinfer)
 takes the real module's place, so the page tables and plans the engine builds
@@ -15,7 +15,8 @@ import torch
 from test_eviction_parity import check_mixed_policy_batch
 from tiny_models import build_tiny_model, load_reference, reference_greedy
 
-from engine import LLM, SamplingParams, flashinfer_attention
+from engine import LLM, SamplingParams
+from engine.attention import flashinfer as flashinfer_attention
 
 
 @pytest.fixture

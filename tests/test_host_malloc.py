@@ -1,4 +1,4 @@
-"""Keeping freed host memory (engine/host_malloc.py): a thread that allocates
+"""Keeping freed host memory (engine/host/malloc.py): a thread that allocates
 and frees a step's activations over and over stops faulting in fresh pages."""
 
 import os
@@ -17,7 +17,7 @@ CHILD = textwrap.dedent(
     import resource, sys, threading, torch
     torch.set_num_threads(1)  # every page is touched on this thread
     if sys.argv[1] == "keep":
-        from engine.host_malloc import keep_freed_host_memory
+        from engine.host.malloc import keep_freed_host_memory
         assert keep_freed_host_memory()
     faults = []
 

@@ -3,7 +3,7 @@ whether or not the OS grants 2 MB pages."""
 
 import torch
 
-from engine.huge_pages import empty_with_huge_pages
+from engine.host.huge_pages import empty_with_huge_pages
 
 
 def test_an_advised_tensor_is_an_ordinary_tensor():

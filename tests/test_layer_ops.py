@@ -1,4 +1,4 @@
-"""The fused C++ layer ops (engine/csrc/layer_ops_cpu.cpp) against the torch
+"""The fused C++ layer ops (engine/kernels/csrc/layer_ops_cpu.cpp) against the torch
 ops they replace, and the merged q/k/v and gate/up projections against the
 separate ones: odd widths (vector tails), views with a row stride, extreme
 activations, and the in-place contracts the Llama layer relies on."""
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_kernels
+from engine.kernels import cpu as cpu_kernels
 from engine.models.common import RMSNorm, RotaryEmbedding, merge_linears, silu_and_mul
 
 pytestmark = pytest.mark.skipif(
@@ -120,7 +120,7 @@ def test_a_loaded_llama_runs_merged_packed_projections(tmp_path):
     from tiny_models import build_tiny_model
 
     from engine import LLM
-    from engine.cpu_linear import PackedLinear
+    from engine.kernels.linear import PackedLinear
 
     llm = LLM(str(build_tiny_model("llama", tmp_path)), kv_cache_blocks=8)
     layer = llm.engine.model.model.layers[0]

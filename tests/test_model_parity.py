@@ -104,7 +104,7 @@ def test_torch_decode_path_without_the_cpu_kernel(
 ) -> None:
     """The plain-torch decode (gather + SDPA) that runs where the C++ kernel
     cannot be built, or on other devices, gives the same tokens."""
-    monkeypatch.setattr("engine.attention.paged_decode_attention", lambda: None)
+    monkeypatch.setattr("engine.attention.layer.paged_decode_attention", lambda: None)
     llm = _llm(family)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     _check(llm, family, [o.outputs[0].token_ids for o in outs])

@@ -1,4 +1,4 @@
-"""Releasing a thread's OpenMP workers (engine/openmp.py), which the server
+"""Releasing a thread's OpenMP workers (engine/host/openmp.py), which the server
 does on its event-loop thread before the engine thread starts stepping."""
 
 import asyncio
@@ -15,7 +15,7 @@ from server.async_engine import AsyncEngine
 CHILD = textwrap.dedent(
     """
     import os, time, torch
-    from engine.openmp import release_thread_pool
+    from engine.host.openmp import release_thread_pool
     count = lambda: len(os.listdir("/proc/self/task"))
     torch.set_num_threads(2)
     before = count()
@@ -43,7 +43,7 @@ def test_release_ends_the_threads_workers():
 
 def test_the_server_readies_the_host_before_its_engine_thread_starts(monkeypatch):
     """It releases its loop thread's workers, and has malloc keep freed memory
-    (engine/host_malloc.py), before the engine thread makes its first step."""
+    (engine/host/malloc.py), before the engine thread makes its first step."""
     calls = []
     monkeypatch.setattr("server.async_engine.release_thread_pool", lambda: calls.append("omp"))
     monkeypatch.setattr(

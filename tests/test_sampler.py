@@ -1,4 +1,4 @@
-"""engine.sampler.sample on hand-made logits: no model."""
+"""engine.runtime.sampler.sample on hand-made logits: no model."""
 
 import math
 from collections import Counter
@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import SamplingRow, _apply_penalties, sample
-from engine.sampling_params import SamplingParams
+from engine.runtime.sampler import SamplingRow, _apply_penalties, sample
+from engine.runtime.sampling_params import SamplingParams
 
 
 def make_row(

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def test_defaults_are_valid_and_vllm_like():

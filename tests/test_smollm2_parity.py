@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.default_model import default_model_path
+from engine.loading.default_model import default_model_path
 
 PROMPTS = [
     "The history of the Roman Empire",

@@ -49,7 +49,7 @@ class Server:
 
 
 def model_folder() -> Path:
-    from engine.loader import resolve_model_path
+    from engine.loading.loader import resolve_model_path
 
     return resolve_model_path(None)
 

@@ -16,10 +16,10 @@ Encode = Callable[[str], list[int]]
 
 
 def default_tokenizer_dir() -> Path:
-    """The embedded SmolLM2's converted folder (engine.default_model)."""
+    """The embedded SmolLM2's converted folder (engine.loading.default_model)."""
     # NOTE: imported here: `engine` pulls torch, which a client pointed at a
     # remote server with --tokenizer never needs.
-    from engine.default_model import default_model_path
+    from engine.loading.default_model import default_model_path
 
     return default_model_path()
 

@@ -5,8 +5,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from engine.attention import PagedAttention
-from engine.context import AttentionContext
+from engine.attention.context import AttentionContext
+from engine.attention.layer import PagedAttention
 
 
 class CausalLM(nn.Module):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.cpu_kernels import layer_ops
+from engine.kernels.cpu import layer_ops
 
 
 def _fused(*tensors: torch.Tensor) -> bool:

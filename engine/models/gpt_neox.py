@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.attention import PagedAttention
-from engine.context import AttentionContext
+from engine.attention.context import AttentionContext
+from engine.attention.layer import PagedAttention
 from engine.models.base import CausalLM
 from engine.models.common import RotaryEmbedding, activation, rope_parameters
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import PagedAttention
-from engine.context import AttentionContext
+from engine.attention.context import AttentionContext
+from engine.attention.layer import PagedAttention
 from engine.models.base import CausalLM
 from engine.models.common import (
     RMSNorm,

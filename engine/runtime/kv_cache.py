@@ -7,7 +7,7 @@ together when eviction compacts a sequence.
 
 import torch
 
-from engine.huge_pages import empty_with_huge_pages
+from engine.host.huge_pages import empty_with_huge_pages
 from engine.models import CausalLM
 
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, PromptType
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.runtime.llm_engine import LLMEngine, PromptType
+from engine.runtime.outputs import RequestOutput
+from engine.runtime.sampling_params import SamplingParams
 
 
 class LLM:

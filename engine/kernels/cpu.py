@@ -1,4 +1,4 @@
-"""The engine's C++ CPU kernels (engine/csrc/), compiled at first use and cached.
+"""The engine's C++ CPU kernels (engine/kernels/csrc/), compiled at first use and cached.
 
 They are built with the machine's C++ compiler against the installed torch
 (no build step at install time, no extra dependency), once per source, torch

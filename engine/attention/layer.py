@@ -14,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import flashinfer_attention
-from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
-from engine.cpu_kernels import (
+from engine.attention import flashinfer as flashinfer_attention
+from engine.attention.context import (
+    AttentionContext,
+    DecodeBatch,
+    DecodeScoring,
+    PrefillSpan,
+    ScoreSpec,
+)
+from engine.kernels.cpu import (
     accumulate_scores,
     add_decode_scores,
     paged_decode_attention,

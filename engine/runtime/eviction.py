@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.context import ScoreSpec
-from engine.cpu_kernels import lowest_priority_slots
-from engine.kv_cache import PagedKVCache
+from engine.attention.context import ScoreSpec
+from engine.kernels.cpu import lowest_priority_slots
+from engine.runtime.kv_cache import PagedKVCache
 from kv_manager import KVCacheManager
 from kv_manager.policies import EvictionPolicy, HeavyHitterPolicy, KVPolicySettings
 from scheduler import Request

@@ -1,6 +1,6 @@
 """Incremental detokenization and stop-string handling for one sequence."""
 
-from engine.tokenizer import Tokenizer
+from engine.loading.tokenizer import Tokenizer
 
 # Prompt tokens decoded ahead of the first output token, so that tokenizers
 # which drop a leading space at the start of a decode still give it back.

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.outputs import Logprob
-from engine.sampling_params import SamplingParams
+from engine.runtime.outputs import Logprob
+from engine.runtime.sampling_params import SamplingParams
 
 
 @dataclass

@@ -4,9 +4,15 @@ from collections.abc import Callable
 
 import torch
 
-from engine.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan, ScoreSpec
-from engine.kv_cache import PagedKVCache
+from engine.attention.context import (
+    AttentionContext,
+    DecodeBatch,
+    DecodeScoring,
+    PrefillSpan,
+    ScoreSpec,
+)
 from engine.models import CausalLM
+from engine.runtime.kv_cache import PagedKVCache
 from scheduler import ScheduledChunk
 
 BlockTableFn = Callable[[str], list[int]]
