@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention.layer import SCORE_QUERY_CHUNK, PagedAttention
+from engine.attention.layer import PagedAttention
+from engine.attention.scoring import SCORE_QUERY_CHUNK
 from kv_manager.policies import KVPolicySettings
 from kv_manager.scoring import gumbel_noise, step_scores
 

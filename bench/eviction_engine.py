@@ -49,7 +49,7 @@ def engine_noise(mode: str) -> Iterator[None]:
     """`finite`: the engine's attention draws Keyformer's noise through
     finite_gumbel_noise (its +inf replaced, see bench/eviction_dense.py) for
     the duration; `as-is`: untouched."""
-    import engine.attention.layer as attention
+    import engine.attention.scoring as attention
 
     if mode == "as-is":
         yield

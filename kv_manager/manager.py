@@ -28,8 +28,8 @@ class SequenceKV:
 class KVCacheManager:
     """Allocates, grows, shrinks and frees the KV memory of sequences.
 
-    Offers paired calls (`can_allocate` then `allocate_slots`) and never picks
-    which sequence runs or is preempted: that is the scheduler's job.
+    Its one caller is the scheduler, which decides what runs, is preempted
+    or is cut back by eviction; this class only keeps the books.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -78,9 +78,6 @@ class KVCacheManager:
         held = len(seq.block_table) if seq else 0
         have = seq.num_slots if seq else 0
         return max(0, blocks_for(have + num_new_slots, self.block_size) - held)
-
-    def can_allocate(self, seq_id: str, num_new_slots: int) -> bool:
-        return self.blocks_needed(seq_id, num_new_slots) <= self.pool.num_free
 
     def allocate_slots(self, seq_id: str, num_new_slots: int) -> bool:
         """Append `num_new_slots` slots to the sequence, taking blocks as needed.

@@ -3,7 +3,7 @@
 The scheduler knows block counts (through `kv_manager`), never tensors.
 """
 
-from scheduler.output import ScheduledChunk, SchedulerOutput
+from scheduler.output import ScheduledChunk, SchedulerOutput, SlotCut
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -14,4 +14,5 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SchedulerOutput",
+    "SlotCut",
 ]

@@ -51,3 +51,12 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+@dataclass(frozen=True)
+class SlotCut:
+    """An eviction the engine made: the sequence's first `num_slots` slots now
+    hold everything it keeps; the scheduler frees the blocks past them."""
+
+    request_id: str
+    num_slots: int

@@ -2,7 +2,8 @@
 
 import enum
 import time
-from typing import Any
+
+from kv_manager.policies import SequencePolicy
 
 
 class RequestStatus(enum.IntEnum):
@@ -48,9 +49,8 @@ class Request:
         request_id: str,
         prompt_token_ids: list[int],
         max_tokens: int,
-        payload: Any = None,
+        kv: SequencePolicy | None = None,
         arrival_time: float | None = None,
-        slot_budget: int | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -58,10 +58,8 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.max_tokens = max_tokens
-        # Slots the sequence is cut back to by eviction; None: it never evicts.
-        self.slot_budget = slot_budget
-        # Engine-side data (sampling params, detokenizer): opaque here.
-        self.payload = payload
+        # How eviction cuts this sequence's cache; None: it never evicts.
+        self.kv = kv
         # Lifecycle times, time.monotonic() seconds (RequestOutput.metrics).
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
@@ -71,6 +69,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+
+    @property
+    def slot_budget(self) -> int | None:
+        """Slots the sequence is cut back to by eviction; None: it never evicts."""
+        return None if self.kv is None else self.kv.budget
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kv_manager import KVCacheManager
 from kv_manager.manager import blocks_for
-from scheduler.output import ScheduledChunk, SchedulerOutput
+from scheduler.output import ScheduledChunk, SchedulerOutput, SlotCut
 from scheduler.request import Request, RequestStatus
 
 
@@ -41,6 +41,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_tokens_evicted = 0  # slots dropped by eviction (per sequence)
+        self.num_blocks_freed_by_eviction = 0
 
     # -- queue operations ----------------------------------------------------
 
@@ -166,6 +168,14 @@ class Scheduler:
         # A recompute of an evicting sequence is cut back after every chunk.
         chunk = self.config.max_num_batched_tokens
         return min(request.num_tokens, request.slot_budget + chunk)
+
+    def apply_evictions(self, cuts: list[SlotCut]) -> None:
+        """Shrink each cut sequence to the slots it keeps, freeing the blocks
+        past them: the KV manager changes only through the scheduler."""
+        for cut in cuts:
+            before = self.kv.num_slots(cut.request_id)
+            self.num_blocks_freed_by_eviction += self.kv.shrink(cut.request_id, cut.num_slots)
+            self.num_tokens_evicted += before - cut.num_slots
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance each scheduled request; append the tokens sampled for it.

@@ -60,7 +60,7 @@ class InvariantChecker:
         kv, cache = engine.kv, engine.runner.cache
         assert kv.pool.num_free + kv.num_blocks_held() == kv.num_total_blocks
         for req in engine.scheduler.running:
-            rid, seq = req.request_id, req.payload.kv
+            rid, seq = req.request_id, req.kv
             n_slots = kv.num_slots(rid)
             length = req.num_computed_tokens
             if seq.budget is not None and length >= req.num_prompt_tokens:

@@ -1,4 +1,4 @@
-"""BlockPool and KVCacheManager: block ids, reference counts and slot counts."""
+"""BlockPool and KVCacheManager: block ids, ownership and slot counts."""
 
 import random
 
@@ -13,7 +13,7 @@ from kv_manager.manager import blocks_for
 def test_pool_starts_all_free():
     pool = BlockPool(5)
     assert (pool.num_blocks, pool.num_free, pool.num_used) == (5, 5, 0)
-    assert [pool.ref_count(b) for b in range(5)] == [0] * 5
+    assert [pool.is_allocated(b) for b in range(5)] == [False] * 5
 
 
 @pytest.mark.parametrize("num_blocks", [0, -1])
@@ -22,13 +22,13 @@ def test_pool_rejects_non_positive_size(num_blocks):
         BlockPool(num_blocks)
 
 
-def test_pool_allocate_hands_out_distinct_blocks_with_one_owner():
+def test_pool_allocate_hands_out_distinct_blocks_it_marks_allocated():
     pool = BlockPool(4)
     blocks = pool.allocate(3)
     assert len(blocks) == 3
     assert len(set(blocks)) == 3
     assert all(0 <= b < 4 for b in blocks)
-    assert [pool.ref_count(b) for b in blocks] == [1, 1, 1]
+    assert [pool.is_allocated(b) for b in blocks] == [True, True, True]
     assert (pool.num_free, pool.num_used) == (1, 3)
 
 
@@ -46,8 +46,8 @@ def test_pool_allocate_when_short_returns_none_and_changes_nothing():
     (left,) = set(range(4)) - set(held)
     assert pool.allocate(2) is None
     assert (pool.num_free, pool.num_used) == (1, 3)
-    assert [pool.ref_count(b) for b in held] == [1, 1, 1]
-    assert pool.ref_count(left) == 0
+    assert [pool.is_allocated(b) for b in held] == [True, True, True]
+    assert not pool.is_allocated(left)
     # The block that was free is still the one handed out next.
     assert pool.allocate(1) == [left]
     assert pool.num_free == 0
@@ -59,30 +59,9 @@ def test_pool_free_returns_blocks_for_reuse():
     first = pool.allocate(3)
     pool.free(first[:2])
     assert (pool.num_free, pool.num_used) == (2, 1)
-    assert [pool.ref_count(b) for b in first] == [0, 0, 1]
+    assert [pool.is_allocated(b) for b in first] == [False, False, True]
     again = pool.allocate(2)
     assert sorted(again) == sorted(first[:2])
-
-
-def test_pool_shared_block_stays_allocated_until_its_last_owner_frees_it():
-    pool = BlockPool(2)
-    (block,) = pool.allocate(1)
-    pool.share(block)
-    pool.share(block)
-    assert pool.ref_count(block) == 3
-    pool.free([block])
-    pool.free([block])
-    assert pool.ref_count(block) == 1
-    assert (pool.num_free, pool.num_used) == (1, 1)
-    pool.free([block])
-    assert pool.ref_count(block) == 0
-    assert (pool.num_free, pool.num_used) == (2, 0)
-
-
-def test_pool_share_of_a_free_block_raises():
-    pool = BlockPool(2)
-    with pytest.raises(ValueError, match="not allocated"):
-        pool.share(0)
 
 
 def test_pool_double_free_raises():
@@ -171,23 +150,23 @@ def test_allocate_slots_when_short_returns_false_and_changes_nothing():
     kv = KVCacheManager(num_blocks=3, block_size=4)
     assert kv.allocate_slots("a", 6)  # 2 blocks
     table = list(kv.block_table("a"))
-    assert not kv.can_allocate("a", 7)  # 13 slots: 4 blocks
+    assert kv.blocks_needed("a", 7) > kv.num_free_blocks  # 13 slots: 4 blocks
     assert not kv.allocate_slots("a", 7)
     assert kv.num_slots("a") == 6
     assert kv.block_table("a") == table
     assert kv.num_free_blocks == 1
 
-    assert not kv.can_allocate("b", 5)
+    assert kv.blocks_needed("b", 5) > kv.num_free_blocks
     assert not kv.allocate_slots("b", 5)
     assert not kv.has("b")
     assert kv.num_free_blocks == 1
 
     # What does fit still does.
-    assert kv.can_allocate("a", 6)
+    assert kv.blocks_needed("a", 6) <= kv.num_free_blocks
     assert kv.allocate_slots("a", 6)  # 12 slots: 3 blocks
     assert kv.num_free_blocks == 0
-    assert kv.can_allocate("a", 0)
-    assert not kv.can_allocate("a", 1)
+    assert kv.blocks_needed("a", 0) == 0
+    assert kv.blocks_needed("a", 1) > kv.num_free_blocks
 
 
 def test_sequences_hold_disjoint_blocks():
@@ -209,7 +188,7 @@ def test_shrink_frees_the_blocks_past_the_new_slot_count():
     assert kv.block_table("a") == table[:2]
     assert kv.num_slots("a") == 5
     assert (kv.num_free_blocks, kv.num_used_blocks) == (2, 2)
-    assert kv.pool.ref_count(table[2]) == 0
+    assert not kv.pool.is_allocated(table[2])
 
     # Cutting inside the last block held frees nothing.
     assert kv.shrink("a", 5) == 0

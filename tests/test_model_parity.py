@@ -13,6 +13,7 @@ import torch
 from tiny_models import FAMILIES, VOCAB, build_tiny_model, load_reference, reference_greedy
 
 from engine import LLM, SamplingParams
+from engine.attention.backends import BACKEND_ENV
 from engine.models.base import CausalLM
 
 NEW_TOKENS = 20
@@ -99,12 +100,12 @@ def test_preemption_recomputes_exactly(family: Family) -> None:
     _check(llm, family, [o.outputs[0].token_ids for o in outs])
 
 
-def test_torch_decode_path_without_the_cpu_kernel(
+def test_torch_backend_without_the_cpu_kernels(
     family: Family, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The plain-torch decode (gather + SDPA) that runs where the C++ kernel
-    cannot be built, or on other devices, gives the same tokens."""
-    monkeypatch.setattr("engine.attention.layer.paged_decode_attention", lambda: None)
+    """The plain-torch attention backend (gather + SDPA) that runs where the
+    C++ kernels cannot be built, or on other devices, gives the same tokens."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
     llm = _llm(family)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     _check(llm, family, [o.outputs[0].token_ids for o in outs])

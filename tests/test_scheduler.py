@@ -20,6 +20,7 @@ from scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    SlotCut,
 )
 
 BLOCK_SIZE = 4
@@ -703,3 +704,33 @@ def test_duplicate_request_ids_are_refused():
     sim.abort("a")
     sim.add("a", 3)
     assert sim.waiting_ids() == ["a"]
+
+
+def test_applied_evictions_shrink_block_tables_and_free_blocks_at_once():
+    """The engine reports cuts; the scheduler, the one writer of KV memory,
+    shrinks each sequence and the freed blocks are admissible at once."""
+    sim = Sim(num_blocks=8)
+    sim.add("a", 13)  # 4 blocks
+    sim.add("b", 9)  # 3 blocks
+    sim.step()
+    assert sim.kv.num_used_blocks == 7
+    sim.sched.apply_evictions([SlotCut("a", 5), SlotCut("b", 9)])
+    assert (sim.kv.num_slots("a"), len(sim.kv.block_table("a"))) == (5, 2)
+    assert (sim.kv.num_slots("b"), len(sim.kv.block_table("b"))) == (9, 3)
+    assert sim.kv.num_used_blocks == 5
+    assert sim.sched.num_tokens_evicted == 8
+    assert sim.sched.num_blocks_freed_by_eviction == 2
+    # A 12-token prompt needs 3 blocks: it fits only in what eviction freed.
+    sim.add("c", 12)
+    out = sim.sched.schedule()
+    shapes = {c.request_id: (c.start, c.slot_start) for c in out.chunks}
+    assert shapes == {"a": (13, 5), "b": (9, 9), "c": (0, 0)}  # a appends after its 5 slots
+    assert sim.kv.num_used_blocks == 8
+
+
+def test_an_eviction_may_not_grow_a_sequence():
+    sim = Sim(num_blocks=8)
+    sim.add("a", 6)
+    sim.step()
+    with pytest.raises(ValueError, match="cannot shrink"):
+        sim.sched.apply_evictions([SlotCut("a", 7)])

@@ -9,24 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class ScoreSpec:
-    """How a sequence's per-slot eviction scores are computed (h2o, keyformer).
-
-    The temperature of a query at position p is
-    tau_init + max(0, p - prompt_len + 1) * tau_slope (keyformer.md).
-    """
-
-    seed: int
-    gumbel: bool  # Keyformer's noise; False for H2O
-    prompt_len: int
-    tau_init: float
-    tau_slope: float
-
-    def tau_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """The temperature of queries at `positions` (any shape)."""
-        return self.tau_init + (positions - self.prompt_len + 1).clamp(min=0) * self.tau_slope
+from engine.attention.scoring import ScoreSpec
 
 
 @dataclass

@@ -58,6 +58,18 @@ def _library() -> bool:
     return True
 
 
+def loaded() -> bool:
+    """Whether the library is built and loaded (built now if it was not)."""
+    return _library()
+
+
+def ops():
+    """torch.ops.keyserve, the loaded library's ops (called by name)."""
+    if not _library():
+        raise RuntimeError("the CPU kernels are not available (see the log for why)")
+    return torch.ops.keyserve
+
+
 def paged_decode_attention() -> Callable[..., None] | None:
     """torch.ops.keyserve.paged_decode_attention, or None where it cannot be built."""
     return torch.ops.keyserve.paged_decode_attention if _library() else None

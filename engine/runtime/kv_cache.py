@@ -7,8 +7,22 @@ together when eviction compacts a sequence.
 
 import torch
 
+from engine.attention.geometry import LayerCache
 from engine.host.huge_pages import empty_with_huge_pages
 from engine.models import CausalLM
+
+
+def slot_index(block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Physical slot (block * block_size + offset) of every slot of the blocks
+    in `block_tables` [..., nb] -> [..., nb * block_size], in slot order.
+    The one place the engine turns block tables into slots."""
+    offsets = torch.arange(block_size, dtype=torch.long, device=block_tables.device)
+    return (block_tables.unsqueeze(-1) * block_size + offsets).flatten(-2)
+
+
+def slot_of(blocks: list[int], slot: int, block_size: int) -> int:
+    """The physical slot of a sequence's logical `slot` (host ints, no tensor)."""
+    return blocks[slot // block_size] * block_size + slot % block_size
 
 
 class PagedKVCache:
@@ -36,7 +50,7 @@ class PagedKVCache:
         self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
         self.positions = torch.zeros(shape, dtype=torch.int32, device=device)
         for i, attn in enumerate(layers):
-            attn.bind_cache(i, self.k[i], self.v[i], self.scores[i], self.positions[i])
+            attn.bind_cache(LayerCache(i, self.k[i], self.v[i], self.scores[i], self.positions[i]))
 
     @staticmethod
     def bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -49,10 +63,8 @@ class PagedKVCache:
 
     def physical_slots(self, blocks: list[int], num_slots: int) -> torch.Tensor:
         """Physical index (block * block_size + offset) of logical slots [0, num_slots)."""
-        dev = self.k.device
-        table = torch.tensor(blocks, dtype=torch.long, device=dev)
-        offsets = torch.arange(self.block_size, dtype=torch.long, device=dev)
-        return (table.unsqueeze(1) * self.block_size + offsets).flatten()[:num_slots]
+        table = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
+        return slot_index(table, self.block_size)[:num_slots]
 
     def read_slot_state(
         self, blocks: list[int], num_slots: int

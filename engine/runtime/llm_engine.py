@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from engine.attention.scoring import ScoreSpec
 from engine.config import EngineConfig, parse_bytes
 from engine.loading.loader import load_config, load_model, resolve_model_path
 from engine.loading.tokenizer import load_tokenizer
-from engine.runtime.eviction import Evictor, SequencePolicy
+from engine.runtime.eviction import Evictor
 from engine.runtime.kv_cache import PagedKVCache
 from engine.runtime.model_runner import ModelRunner
 from engine.runtime.output_processor import (
@@ -20,11 +21,11 @@ from engine.runtime.output_processor import (
     process_token,
 )
 from engine.runtime.outputs import RequestOutput
-from engine.runtime.sampler import sample
+from engine.runtime.sampler import SampledToken, sample
 from engine.runtime.sampling_params import SamplingParams
 from kv_manager import KVCacheManager
-from kv_manager.policies import make_policy
-from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+from kv_manager.policies import SequencePolicy
+from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 
 # Text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 PromptType = str | list[int] | dict
@@ -56,6 +57,11 @@ class LLMEngine:
             self.model, num_blocks, config.block_size, self.dtype, self.device
         )
         self.evictor = Evictor(self.runner.cache, self.kv)
+        backends = sorted({a.backend.name for a in self.model.attention_layers()})
+        logger.info("attention backend: %s (%s, %s)", "/".join(backends), self.device, self.dtype)
+        # The engine's side of each request (sampling, detokenizer, text so
+        # far), beside the scheduler's Request; dropped when it finishes.
+        self._states: dict[str, RequestState] = {}
         self.default_kv_settings = config.kv_policy_settings()
         self.vocab_size = self.model.compute_logits(
             torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
@@ -131,17 +137,16 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
-        budget = kv_settings.budget(len(prompt_ids))
         state = RequestState(
             prompt_text,
             params,
             generator,
             stop_ids,
             make_tokenizer_state(self.tokenizer, prompt_ids, params),
-            SequencePolicy(kv_settings, make_policy(kv_settings), budget, seed),
         )
-        request = Request(request_id, prompt_ids, max_tokens, payload=state, slot_budget=budget)
-        self.scheduler.add_request(request)
+        kv = SequencePolicy.resolve(kv_settings, len(prompt_ids), seed)
+        self.scheduler.add_request(Request(request_id, prompt_ids, max_tokens, kv=kv))
+        self._states[request_id] = state
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt forms
@@ -184,7 +189,9 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output."""
         request = self.scheduler.abort_request(request_id)
-        return None if request is None else make_output(request, request.payload)
+        if request is None:
+            return None
+        return make_output(request, self._states.pop(request_id))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -198,37 +205,49 @@ class LLMEngine:
             return []
         self.peak_running = max(self.peak_running, self.scheduler.num_running)
         self.peak_kv_blocks_used = max(self.peak_kv_blocks_used, self.kv.num_used_blocks)
-        specs = {}
-        for chunk in sched.chunks:
-            spec = chunk.request.payload.kv.score_spec(chunk.request)
-            if spec is not None:
-                specs[chunk.request_id] = spec
-        logits = self.runner.execute(sched.chunks, self.kv.block_table, specs)
+        logits = self.runner.execute(sched.chunks, self.kv.block_table, self._score_specs(sched))
         sampling = [c.request for c in sched.chunks if c.samples]
-        rows = [r.payload.sampling_row(r) for r in sampling]
+        rows = [self._states[r.request_id].sampling_row(r) for r in sampling]
         tokens = sample(logits, rows)
         by_id = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
         updated = self.scheduler.update_from_output(
             sched, {rid: t.token_id for rid, t in by_id.items()}
         )
-        outputs = []
-        for request in updated:
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook(request)
-                status = process_token(request, request.payload, by_id[request.request_id])
-            except Exception:
-                # NOTE: one request's failure in post-processing must not take
-                # the batch (or the engine loop) down: it finishes with an
-                # error (its blocks freed) and the others carry on.
-                logger.exception("request %s failed; finishing it", request.request_id)
-                status = RequestStatus.FINISHED_ERROR
-            if status.is_finished:
-                self.scheduler.finish_request(request.request_id, status)
-            outputs.append(make_output(request, request.payload))
+        outputs = [self._process(request, by_id[request.request_id]) for request in updated]
         # Evict after the stop checks: a finished request frees everything anyway.
-        self.evictor.evict([(c.request, c.request.payload.kv) for c in sched.chunks])
+        cuts = self.evictor.evict([c.request for c in sched.chunks])
+        self.scheduler.apply_evictions(cuts)
         return outputs
+
+    def _score_specs(self, sched: SchedulerOutput) -> dict[str, ScoreSpec]:
+        """How attention scores the slots of each scheduled request that evicts by score."""
+        specs = {}
+        for chunk in sched.chunks:
+            r = chunk.request
+            spec = ScoreSpec.for_policy(
+                r.kv.settings, r.kv.policy, r.kv.seed, r.num_prompt_tokens, r.max_tokens
+            )
+            if spec is not None:
+                specs[chunk.request_id] = spec
+        return specs
+
+    def _process(self, request: Request, sampled: SampledToken) -> RequestOutput:
+        """Stop checks and detokenizing for a request's new token; its output."""
+        state = self._states[request.request_id]
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(request)
+            status = process_token(request, state, sampled)
+        except Exception:
+            # NOTE: one request's failure in post-processing must not take
+            # the batch (or the engine loop) down: it finishes with an
+            # error (its blocks freed) and the others carry on.
+            logger.exception("request %s failed; finishing it", request.request_id)
+            status = RequestStatus.FINISHED_ERROR
+        if status.is_finished:
+            self.scheduler.finish_request(request.request_id, status)
+            del self._states[request.request_id]
+        return make_output(request, state)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -239,8 +258,8 @@ class LLMEngine:
             "peak_running": self.peak_running,
             "peak_kv_blocks_used": self.peak_kv_blocks_used,
             "preemptions": self.scheduler.num_preemptions,
-            "tokens_evicted": self.evictor.stats.tokens_evicted,
-            "blocks_freed_by_eviction": self.evictor.stats.blocks_freed,
+            "tokens_evicted": self.scheduler.num_tokens_evicted,
+            "blocks_freed_by_eviction": self.scheduler.num_blocks_freed_by_eviction,
         }
 
 

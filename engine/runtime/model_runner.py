@@ -4,15 +4,10 @@ from collections.abc import Callable
 
 import torch
 
-from engine.attention.context import (
-    AttentionContext,
-    DecodeBatch,
-    DecodeScoring,
-    PrefillSpan,
-    ScoreSpec,
-)
+from engine.attention.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan
+from engine.attention.scoring import ScoreSpec, tau_schedule
 from engine.models import CausalLM
-from engine.runtime.kv_cache import PagedKVCache
+from engine.runtime.kv_cache import PagedKVCache, slot_index, slot_of
 from scheduler import ScheduledChunk
 
 BlockTableFn = Callable[[str], list[int]]
@@ -90,8 +85,7 @@ class ModelRunner:
 
     def _slots(self, blocks: list[int], start: int, end: int) -> list[int]:
         """Physical slot index of logical slots [start, end)."""
-        bs = self.block_size
-        return [blocks[s // bs] * bs + s % bs for s in range(start, end)]
+        return [slot_of(blocks, s, self.block_size) for s in range(start, end)]
 
     def _prefill_span(
         self, chunk: ScheduledChunk, row: int, blocks: list[int], spec: ScoreSpec | None
@@ -149,22 +143,24 @@ class ModelRunner:
             return t if all_rows else t[rows]
 
         positions = pick(batch.query_positions)
-        steps = (positions - column([s.prompt_len for _, s in specs], torch.long) + 1).clamp(min=0)
-        tau_init = column([s.tau_init for _, s in specs], torch.float32)
-        tau_slope = column([s.tau_slope for _, s in specs], torch.float32)
+        tau = tau_schedule(
+            positions,
+            column([s.prompt_len for _, s in specs], torch.long),
+            column([s.tau_init for _, s in specs], torch.float32),
+            column([s.tau_slope for _, s in specs], torch.float32),
+        )
         tables = pick(batch.block_tables)
-        offsets = torch.arange(self.block_size, device=dev)
         return DecodeScoring(
             rows=rows,
             all_rows=all_rows,
             seed=column([s.seed for _, s in specs], torch.int64),
             gumbel=column([s.gumbel for _, s in specs], torch.bool),
-            tau=tau_init + steps * tau_slope,
+            tau=tau,
             query_positions=positions,
             num_keys=pick(batch.num_keys),
             key_valid=pick(batch.key_valid),
             block_tables=tables,
-            key_slots=(tables.unsqueeze(2) * self.block_size + offsets).flatten(),
+            key_slots=slot_index(tables, self.block_size).flatten(),
         )
 
 

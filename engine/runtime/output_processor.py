@@ -6,7 +6,6 @@ import torch
 
 from engine.loading.tokenizer import Tokenizer
 from engine.runtime.detokenizer import IncrementalDetokenizer, find_stop
-from engine.runtime.eviction import SequencePolicy
 from engine.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.runtime.sampler import SampledToken, SamplingRow
 from engine.runtime.sampling_params import SamplingParams
@@ -22,7 +21,6 @@ class RequestState:
     generator: torch.Generator
     stop_token_ids: frozenset[int]  # eos (unless ignore_eos) + stop_token_ids
     detokenizer: IncrementalDetokenizer | None
-    kv: SequencePolicy
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None

@@ -1,0 +1,39 @@
+"""A request's eviction policy, resolved: its settings, policy and budget."""
+
+from dataclasses import dataclass
+
+from kv_manager.policies.base import EvictionPolicy
+from kv_manager.policies.heavy_hitters import H2OPolicy, KeyformerPolicy
+from kv_manager.policies.settings import KVPolicySettings
+from kv_manager.policies.simple import FullPolicy, StreamingPolicy, WindowPolicy
+
+_POLICIES: dict[str, type[EvictionPolicy]] = {
+    "full": FullPolicy,
+    "window": WindowPolicy,
+    "streaming": StreamingPolicy,
+    "h2o": H2OPolicy,
+    "keyformer": KeyformerPolicy,
+}
+
+
+def make_policy(settings: KVPolicySettings) -> EvictionPolicy:
+    return _POLICIES[settings.kv_policy](settings)
+
+
+@dataclass(frozen=True)
+class SequencePolicy:
+    """How one sequence's cache is cut: the typed KV state a Request carries."""
+
+    settings: KVPolicySettings
+    policy: EvictionPolicy
+    budget: int | None  # slots kept; None: never evicts
+    seed: int  # the request's seed, also Keyformer's noise key
+
+    @classmethod
+    def resolve(cls, settings: KVPolicySettings, prompt_len: int, seed: int) -> "SequencePolicy":
+        return cls(settings, make_policy(settings), settings.budget(prompt_len), seed)
+
+    @property
+    def scores_keys(self) -> bool:
+        """Whether attention must add scores to this sequence's slots (h2o, keyformer)."""
+        return self.policy.needs_scores
