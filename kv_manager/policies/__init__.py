@@ -3,17 +3,29 @@
 from kv_manager.policies.base import EvictionPolicy
 from kv_manager.policies.heavy_hitters import H2OPolicy, HeavyHitterPolicy, KeyformerPolicy
 from kv_manager.policies.sequence import SequencePolicy, make_policy
-from kv_manager.policies.settings import KV_POLICY_FIELDS, POLICY_NAMES, KVPolicySettings
+from kv_manager.policies.settings import (
+    KV_POLICY_FIELDS,
+    KV_SETTINGS,
+    POLICY_NAMES,
+    KVPolicyDefaults,
+    KVPolicyOverrides,
+    KVPolicySettings,
+    KVSetting,
+)
 from kv_manager.policies.simple import FullPolicy, StreamingPolicy, WindowPolicy
 
 __all__ = [
     "KV_POLICY_FIELDS",
+    "KV_SETTINGS",
     "POLICY_NAMES",
     "EvictionPolicy",
     "FullPolicy",
     "H2OPolicy",
     "HeavyHitterPolicy",
+    "KVPolicyDefaults",
+    "KVPolicyOverrides",
     "KVPolicySettings",
+    "KVSetting",
     "KeyformerPolicy",
     "SequencePolicy",
     "StreamingPolicy",

@@ -1,10 +1,65 @@
-"""Per-request KV policy settings, validated, and the budget rule."""
+"""The KV policy settings, each declared once, validated, and the budget rule.
+
+KVPolicySettings's fields are the one declaration of every KV setting: its
+name, type, default, valid values and one line of help. Every layer above
+derives its own spelling of them from here rather than repeating them:
+SamplingParams inherits KVPolicyOverrides (each field optional), EngineConfig
+inherits KVPolicyDefaults (each field with its default), and the HTTP request
+model and the CLI flags are built from KV_SETTINGS.
+"""
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import Any
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar, get_args
 
 POLICY_NAMES = ("full", "window", "streaming", "h2o", "keyformer")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A setting's valid values: one of `choices`, or a finite number within
+    the bounds (pydantic's names: ge >=, gt >, le <=)."""
+
+    choices: tuple[str, ...] | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def allows(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if not math.isfinite(value):
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def rule(self) -> str:
+        """What `allows` accepts, worded to follow "must be"."""
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        low, open_low = (self.gt, True) if self.gt is not None else (self.ge, False)
+        if low is not None and self.le is not None:
+            return f"in {'(' if open_low else '['}{low:g}, {self.le:g}]"
+        if low == 0:
+            return "positive" if open_low else "non-negative"
+        if low is not None:
+            return f"{'above' if open_low else 'at least'} {low:g}"
+        return f"at most {self.le:g}" if self.le is not None else "a finite number"
+
+    def bounds(self) -> dict[str, float]:
+        """The numeric bounds that are set, as keyword arguments (pydantic's Field)."""
+        named = {"ge": self.ge, "gt": self.gt, "le": self.le}
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def _setting(default: Any, help: str, **limits: Any) -> Any:
+    """A KVPolicySettings field: its default, help line and Limits."""
+    return field(default=default, metadata={"help": help, "limits": Limits(**limits)})
 
 
 @dataclass(frozen=True)
@@ -13,51 +68,37 @@ class KVPolicySettings:
 
     The budget is k = max(floor(n * kv_ratio), kv_min_tokens) for a prompt of
     n tokens, capped by kv_max_tokens when set; a sequence under k never evicts.
+    The defaults are the project's point: Keyformer at half the prompt.
     """
 
-    kv_policy: str = "full"
-    kv_ratio: float = 0.5
-    kv_max_tokens: int | None = None
-    kv_min_tokens: int = 128
-    recent_ratio: float = 0.3
-    sink_tokens: int = 4
-    tau_init: float = 1.0
-    tau_end: float = 2.0
+    kv_policy: str = _setting(
+        "keyformer",
+        "eviction policy: full keeps every token; window, streaming, h2o, keyformer evict",
+        choices=POLICY_NAMES,
+    )
+    kv_ratio: float = _setting(0.5, "KV budget as a fraction of the prompt", gt=0.0, le=1.0)
+    kv_max_tokens: int | None = _setting(None, "cap on the budget in tokens, if any", ge=1)
+    kv_min_tokens: int = _setting(
+        128, "floor on the budget in tokens: a sequence under it never evicts", ge=0
+    )
+    recent_ratio: float = _setting(
+        0.3, "share of the budget kept for the newest tokens", ge=0.0, le=1.0
+    )
+    sink_tokens: int = _setting(4, "streaming: first tokens always kept (attention sinks)", ge=0)
+    tau_init: float = _setting(
+        1.0, "keyformer: Gumbel temperature at the first generated token", gt=0.0
+    )
+    tau_end: float = _setting(
+        2.0, "keyformer: Gumbel temperature at max_tokens (rising linearly)", gt=0.0
+    )
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.kv_policy in POLICY_NAMES, "kv_policy", f"must be one of {list(POLICY_NAMES)}"),
-            (
-                _finite(self.kv_ratio) and 0.0 < self.kv_ratio <= 1.0,
-                "kv_ratio",
-                "must be in (0, 1]",
-            ),
-            (
-                self.kv_max_tokens is None or self.kv_max_tokens >= 1,
-                "kv_max_tokens",
-                "must be at least 1",
-            ),
-            (self.kv_min_tokens >= 0, "kv_min_tokens", "must be non-negative"),
-            (
-                _finite(self.recent_ratio) and 0.0 <= self.recent_ratio <= 1.0,
-                "recent_ratio",
-                "must be in [0, 1]",
-            ),
-            (self.sink_tokens >= 0, "sink_tokens", "must be non-negative"),
-            (_finite(self.tau_init) and self.tau_init > 0.0, "tau_init", "must be positive"),
-            (_finite(self.tau_end) and self.tau_end > 0.0, "tau_end", "must be positive"),
-        ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+        for name in KV_POLICY_FIELDS:
+            check_kv_setting(name, getattr(self, name))
 
     @property
     def evicts(self) -> bool:
         return self.kv_policy != "full"
-
-    @property
-    def needs_scores(self) -> bool:
-        return self.kv_policy in ("h2o", "keyformer")
 
     def budget(self, prompt_len: int) -> int | None:
         """Slots the sequence keeps (k), or None for no eviction."""
@@ -72,23 +113,129 @@ class KVPolicySettings:
         """w = floor(k * recent_ratio): the newest tokens that are never evicted."""
         return math.floor(budget * self.recent_ratio)
 
-    def tau(self, step: int, max_new_tokens: int) -> float:
-        """Keyformer's temperature after `step` generated tokens (rises linearly)."""
-        return self.tau_init + step * (self.tau_end - self.tau_init) / max(max_new_tokens, 1)
-
     def with_overrides(self, **overrides: Any) -> "KVPolicySettings":
         """A copy with the non-None `overrides` applied (and validated)."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
+        unknown = sorted(set(overrides) - set(KV_POLICY_FIELDS))
         if unknown:
             raise ValueError(f"unknown KV policy settings: {unknown}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# The per-request KV fields, as every layer above spells them (engine config,
-# SamplingParams, the HTTP body).
+# The KV fields, as every layer above spells them (engine config,
+# SamplingParams, the HTTP body, the CLI's --kv-* flags).
 KV_POLICY_FIELDS = tuple(f.name for f in fields(KVPolicySettings))
 
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
-def _finite(x: float) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
+
+@dataclass(frozen=True)
+class KVSetting:
+    """One KV setting, read off its KVPolicySettings field: what a flag, a
+    request field or a config key for it needs."""
+
+    name: str
+    kind: type  # the value's type: str, int or float
+    nullable: bool  # None is a value of its own (kv_max_tokens: no cap)
+    default: Any
+    help: str
+    limits: Limits
+
+    def check(self, value: Any) -> None:
+        """Raise a ValueError that starts with the setting's name (the server
+        turns that word into the 400's `param`) unless `value` is valid."""
+        if value is None and self.nullable:
+            return
+        if not _is_kind(value, self.kind):
+            raise ValueError(f"{self.name} must be {_KIND_NAMES[self.kind]}, got {value!r}")
+        if not self.limits.allows(value):
+            raise ValueError(f"{self.name} must be {self.limits.rule()}, got {value!r}")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    # numbers.*: numpy scalars count; bool is an int to Python, never a setting here.
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, kind)
+
+
+def _describe(f: Any) -> KVSetting:
+    members = get_args(f.type) or (f.type,)
+    (kind,) = [m for m in members if m is not type(None)]
+    return KVSetting(
+        name=f.name,
+        kind=kind,
+        nullable=type(None) in members,
+        default=f.default,
+        help=f.metadata["help"],
+        limits=f.metadata["limits"],
+    )
+
+
+KV_SETTINGS = tuple(_describe(f) for f in fields(KVPolicySettings))
+_BY_NAME = {s.name: s for s in KV_SETTINGS}
+
+
+def check_kv_setting(name: str, value: Any) -> None:
+    """Raise a ValueError naming `name` unless `value` is valid for that setting."""
+    _BY_NAME[name].check(value)
+
+
+# -- the fields, derived for the layers above ---------------------------------
+
+_C = TypeVar("_C", bound=type)
+
+
+def _with_kv_fields(optional: bool) -> Callable[[_C], _C]:
+    """Add every KVPolicySettings field to a class before @dataclass reads it:
+    as declared (type and default), or optional with default None."""
+
+    def add(cls: _C) -> _C:
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for f in fields(KVPolicySettings):
+            annotations[f.name] = f.type | None if optional else f.type
+            default = None if optional else f.default
+            setattr(cls, f.name, field(default=default, metadata=f.metadata))
+        cls.__annotations__ = annotations
+        return cls
+
+    return add
+
+
+@dataclass(kw_only=True)
+@_with_kv_fields(optional=True)
+class KVPolicyOverrides:
+    """Every KV setting, None where a request takes the engine's default.
+
+    A base for per-request params (SamplingParams): the fields are keyword-only,
+    so they never shift the positions of the subclass's own fields. A value that
+    is set is checked at once, by the setting's own rule.
+    """
+
+    def __post_init__(self) -> None:
+        for name, value in self.kv_overrides().items():
+            check_kv_setting(name, value)
+
+    def kv_overrides(self) -> dict[str, Any]:
+        """The KV settings this request sets."""
+        return {n: getattr(self, n) for n in KV_POLICY_FIELDS if getattr(self, n) is not None}
+
+
+@dataclass(kw_only=True)
+@_with_kv_fields(optional=False)
+class KVPolicyDefaults:
+    """Every KV setting with its default, as flat fields (the config's keys).
+
+    A base for a mutable config (EngineConfig); keyword-only, like
+    KVPolicyOverrides. Validated on construction.
+    """
+
+    def __post_init__(self) -> None:
+        self.kv_policy_settings()
+
+    def kv_policy_settings(self) -> KVPolicySettings:
+        """These defaults, validated (requests may override each field)."""
+        return KVPolicySettings(**{n: getattr(self, n) for n in KV_POLICY_FIELDS})
