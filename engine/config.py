@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import yaml
 
-from kv_manager.policies import KV_POLICY_FIELDS, KVPolicySettings
+from kv_manager.policies import KVPolicyDefaults
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -45,7 +45,12 @@ def from_section(cls: type, section: dict[str, Any], what: str, overrides: dict[
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(KVPolicyDefaults):
+    """The engine's settings. The default KV policy of requests that set none
+    (kv_policy, kv_ratio, ...: keyformer.md) comes with KVPolicyDefaults: the
+    fields of kv_manager's KVPolicySettings, with its defaults and checks, as
+    flat keyword-only fields and YAML keys; `kv_policy_settings()` reads them."""
+
     # A folder with config.json + safetensors, a .gguf file, or None for the
     # embedded default (SmolLM2-135M-Instruct).
     model: str | None = None
@@ -65,17 +70,9 @@ class EngineConfig:
     # carry token ids only.
     skip_tokenizer_init: bool = False
     seed: int = 0
-    # Default KV policy of requests that do not set their own (keyformer.md).
-    kv_policy: str = "full"
-    kv_ratio: float = 0.5
-    kv_max_tokens: int | None = None
-    kv_min_tokens: int = 128
-    recent_ratio: float = 0.3
-    sink_tokens: int = 4
-    tau_init: float = 1.0
-    tau_end: float = 2.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the KV defaults
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -88,11 +85,6 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        self.kv_policy_settings()  # validates the KV defaults
-
-    def kv_policy_settings(self) -> KVPolicySettings:
-        """The default KV policy settings (requests may override each field)."""
-        return KVPolicySettings(**{f: getattr(self, f) for f in KV_POLICY_FIELDS})
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":

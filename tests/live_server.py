@@ -49,10 +49,12 @@ MODEL_NAME = "smollm2-test"
 
 
 def smollm2_engine():
-    """The embedded SmolLM2 with a small KV pool (64 MiB: about 1400 tokens)."""
+    """The embedded SmolLM2 with a small KV pool (64 MiB: about 1400 tokens).
+    Requests keep every token unless they set a KV policy (the server tests
+    compare outputs token for token)."""
     from engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(kv_cache_bytes="64MiB"))
+    return LLMEngine(EngineConfig(kv_cache_bytes="64MiB", kv_policy="full"))
 
 
 def wait_pool_whole(server, timeout=10.0):

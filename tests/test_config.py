@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from engine.config import EngineConfig, parse_bytes
+from kv_manager.policies import KV_POLICY_FIELDS, KVPolicySettings
 from server.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,41 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_yaml_mirrors_the_dataclass():
     data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["engine"]
     assert data == asdict(EngineConfig())
+
+
+def test_kv_defaults_are_kv_policy_settings():
+    """One default policy: EngineConfig's and the shipped YAML's KV keys are
+    KVPolicySettings's fields and defaults, keyformer at 0.5."""
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["engine"]
+    defaults = asdict(KVPolicySettings())
+    assert {k: data[k] for k in KV_POLICY_FIELDS} == defaults
+    assert EngineConfig().kv_policy_settings() == KVPolicySettings()
+    assert (defaults["kv_policy"], defaults["kv_ratio"]) == ("keyformer", 0.5)
+
+
+def test_kv_settings_are_flat_fields_and_keys(tmp_path):
+    config = EngineConfig(kv_policy="full", kv_min_tokens=0)
+    assert (config.kv_policy, config.kv_min_tokens, config.kv_ratio) == ("full", 0, 0.5)
+    assert not config.kv_policy_settings().evicts
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  kv_policy: h2o\n  recent_ratio: 0.5\n")
+    config = EngineConfig.from_yaml(path, kv_ratio=0.25)
+    assert (config.kv_policy, config.recent_ratio, config.kv_ratio) == ("h2o", 0.5, 0.25)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, field",
+    [
+        ("engine:\n  kv_policy: lru\n", "kv_policy"),
+        ("engine:\n  kv_ratio: 0\n", "kv_ratio"),
+        ("engine:\n  kv_min_tokens: lots\n", "kv_min_tokens"),
+    ],
+)
+def test_bad_kv_config_is_named(tmp_path, yaml_text, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError, match=rf"^{field} must be "):
+        EngineConfig.from_yaml(path)
 
 
 def test_default_yaml_server_section_mirrors_serve_config():

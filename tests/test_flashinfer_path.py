@@ -71,7 +71,7 @@ def test_generation_through_flashinfer_equals_transformers(stand_in, tmp_path):
     # 8 tokens a step: the longer prompts prefill in chunks that read the cache.
     llm = LLM(
         model=str(folder), skip_tokenizer_init=True, dtype="float32",
-        block_size=4, kv_cache_blocks=64, max_num_batched_tokens=8,
+        block_size=4, kv_cache_blocks=64, max_num_batched_tokens=8, kv_policy="full",
     )  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = llm.generate(prompts, params)
@@ -89,7 +89,10 @@ def test_a_failed_plan_falls_back_to_torch_attention(stand_in, tmp_path, monkeyp
     monkeypatch.setattr(fake_flashinfer.BatchDecodeWithPagedKVCacheWrapper, "plan", refuse)
     folder = build_tiny_model("llama", tmp_path)
     reference = load_reference(folder)
-    llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", block_size=4)
+    llm = LLM(
+        model=str(folder), skip_tokenizer_init=True, dtype="float32", block_size=4,
+        kv_policy="full",
+    )  # fmt: skip
     prompt = list(range(3, 30))
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert out[0].outputs[0].token_ids == reference_greedy(reference, prompt, 8)

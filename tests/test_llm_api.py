@@ -2,6 +2,7 @@
 a pool too small for everything at once, aborts; the pool is whole after each."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -13,7 +14,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(kv_cache_bytes="64MiB")
+    # full: these tests compare tokens across batches and pools, not eviction.
+    return LLM(kv_cache_bytes="64MiB", kv_policy="full")
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +156,7 @@ def test_small_pool_completes_everything_in_fcfs_order(llm):
     prompts = [f"Fact number {i}: the" for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = [_text(llm, p, params).token_ids for p in prompts]
-    small = LLM(kv_cache_blocks=3, block_size=8)
+    small = LLM(kv_cache_blocks=3, block_size=8, kv_policy="full")
     engine = small.engine
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -200,20 +202,63 @@ def test_stop_strings_wait_for_min_tokens(llm):
 
 
 @pytest.mark.parametrize(
-    "params, message",
+    "kwargs, message",
     [
-        (SamplingParams(stop_token_ids=[10**7]), "stop_token_ids"),
-        (SamplingParams(kv_policy="lru"), "kv_policy"),
-        (SamplingParams(kv_policy="keyformer", kv_ratio=1.5), "kv_ratio"),
-        (SamplingParams(kv_policy="h2o", recent_ratio=-0.1), "recent_ratio"),
-        (SamplingParams(kv_policy="keyformer", tau_init=0.0), "tau_init"),
-        (SamplingParams(kv_policy="keyformer", kv_max_tokens=0), "kv_max_tokens"),
-        (SamplingParams(kv_policy="streaming", sink_tokens=-1), "sink_tokens"),
+        ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+        ({"kv_policy": "lru"}, "kv_policy"),
+        ({"kv_policy": "keyformer", "kv_ratio": 1.5}, "kv_ratio"),
+        ({"kv_policy": "h2o", "recent_ratio": -0.1}, "recent_ratio"),
+        ({"kv_policy": "keyformer", "tau_init": 0.0}, "tau_init"),
+        ({"kv_policy": "keyformer", "kv_max_tokens": 0}, "kv_max_tokens"),
+        ({"kv_policy": "streaming", "sink_tokens": -1}, "sink_tokens"),
     ],
 )
-def test_bad_request_settings_are_named(llm, params, message):
+def test_bad_request_settings_are_named(llm, kwargs, message):
+    # A bad KV value is refused as the params are built (KVPolicySettings's
+    # own check), a bad token id when the engine sees the vocabulary.
     with pytest.raises(ValueError, match=message):
-        llm.generate("Hello", params)
+        llm.generate("Hello", SamplingParams(**kwargs))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_models import build_tiny_model
+
+    return str(build_tiny_model("llama", tmp_path_factory.mktemp("llama")))
+
+
+def _tiny_llm(folder, **kwargs):
+    # kv_min_tokens 0: a 40-token prompt is past the budget (else 128 tokens).
+    return LLM(
+        folder, skip_tokenizer_init=True, dtype="float32", block_size=4, kv_cache_blocks=64,
+        kv_min_tokens=0, **kwargs,
+    )  # fmt: skip
+
+
+PROMPT_40 = list(range(3, 43))
+SHORT = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, seed=0)
+
+
+def test_offline_default_policy_is_keyformer_at_half(tiny_llama):
+    """LLM() runs the one default policy, KVPolicySettings's: a request that
+    sets no KV field is cut to half its prompt by Keyformer."""
+    llm = _tiny_llm(tiny_llama)
+    default = llm.engine.config.kv_policy_settings()
+    assert (default.kv_policy, default.kv_ratio) == ("keyformer", 0.5)
+    out = llm.generate(PROMPT_40, SHORT)[0].outputs[0]
+    assert len(out.token_ids) == 4
+    # 40 prompt tokens, budget 20: 20 evicted after the prompt, one per new token after.
+    assert llm.engine.stats()["tokens_evicted"] >= 20
+
+
+def test_full_is_chosen_per_engine_or_per_request(tiny_llama):
+    """kv_policy="full" keeps every token, as the engine's default or per request."""
+    full_engine = _tiny_llm(tiny_llama, kv_policy="full")
+    full_engine.generate(PROMPT_40, SHORT)
+    assert full_engine.engine.stats()["tokens_evicted"] == 0
+    per_request = _tiny_llm(tiny_llama)
+    per_request.generate(PROMPT_40, replace(SHORT, kv_policy="full"))
+    assert per_request.engine.stats()["tokens_evicted"] == 0
 
 
 def test_request_metrics_follow_the_lifecycle():

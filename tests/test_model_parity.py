@@ -46,7 +46,8 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def _llm(family: Family, **kwargs: object) -> LLM:
-    kwargs = {"block_size": 4, "kv_cache_blocks": 64, **kwargs}
+    # full: the oracle keeps every token (the default policy, keyformer, would evict).
+    kwargs = {"block_size": 4, "kv_cache_blocks": 64, "kv_policy": "full", **kwargs}
     # float32 everywhere: "auto" would pick bfloat16 on a GPU, and the oracle is float32.
     return LLM(model=str(family.folder), skip_tokenizer_init=True, dtype="float32", **kwargs)
 

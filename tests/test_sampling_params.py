@@ -107,3 +107,32 @@ def test_min_tokens_above_max_tokens_is_refused():
 def test_error_message_shows_the_bad_value():
     with pytest.raises(ValueError, match=r"got -0\.5"):
         SamplingParams(temperature=-0.5)
+
+
+def test_kv_fields_default_to_none_and_keep_the_readme_spelling():
+    assert SamplingParams().kv_overrides() == {}
+    p = SamplingParams(kv_policy="h2o", kv_ratio=0.3)
+    assert (p.kv_policy, p.kv_ratio, p.kv_min_tokens) == ("h2o", 0.3, None)
+    assert p.kv_overrides() == {"kv_policy": "h2o", "kv_ratio": 0.3}
+    # The KV fields are keyword-only: positions stay vLLM's.
+    assert SamplingParams(2, 0.5).n == 2 and SamplingParams(2, 0.5).temperature == 0.5
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("kv_policy", "lru"),
+        ("kv_ratio", 0.0),
+        ("kv_ratio", math.nan),
+        ("kv_max_tokens", 0),
+        ("kv_min_tokens", -1),
+        ("recent_ratio", 1.5),
+        ("sink_tokens", -1),
+        ("tau_init", 0.0),
+        ("tau_end", -1.0),
+    ],
+)
+def test_bad_kv_value_raises_naming_the_field(field, value):
+    # Refused as the params are built, by KVPolicySettings's own rule.
+    with pytest.raises(ValueError, match=rf"^{field} must be "):
+        SamplingParams(**{field: value})

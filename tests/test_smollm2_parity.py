@@ -17,7 +17,8 @@ NEW_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_num_batched_tokens=64, kv_cache_bytes="256MiB")
+    # full: transformers keeps every token (the default policy, keyformer, would evict).
+    return LLM(max_num_batched_tokens=64, kv_cache_bytes="256MiB", kv_policy="full")
 
 
 @pytest.fixture(scope="module")

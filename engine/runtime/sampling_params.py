@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from kv_manager.policies import KV_POLICY_FIELDS
+from kv_manager.policies import KVPolicyOverrides
 
 # Below this a temperature means greedy decoding.
 GREEDY_EPSILON = 1e-5
@@ -10,7 +10,11 @@ MAX_LOGPROBS = 20
 
 
 @dataclass
-class SamplingParams:
+class SamplingParams(KVPolicyOverrides):
+    """One request's sampling settings, and its KV policy: the KV fields
+    (kv_policy, kv_ratio, ...; keyword-only, None: the engine's default) and
+    their checks come from KVPolicyOverrides, i.e. from KVPolicySettings."""
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -28,22 +32,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N alternatives per generated token
     skip_special_tokens: bool = True
-    # Per-request KV policy; None takes the engine's default (see
-    # kv_manager.policies.KVPolicySettings for meanings and ranges).
-    kv_policy: str | None = None
-    kv_ratio: float | None = None
-    kv_max_tokens: int | None = None
-    kv_min_tokens: int | None = None
-    recent_ratio: float | None = None
-    sink_tokens: int | None = None
-    tau_init: float | None = None
-    tau_end: float | None = None
-
-    def kv_overrides(self) -> dict:
-        """The KV policy fields this request sets."""
-        return {n: getattr(self, n) for n in KV_POLICY_FIELDS if getattr(self, n) is not None}
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the KV fields
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
