@@ -7,7 +7,9 @@ a 400 naming it, not a run silently made with the default policy.
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from kv_manager.policies import KV_SETTINGS, KVSetting
 
 MAX_STOP_STRINGS = 64  # per request: each is searched for after every token
 # torch seeds a generator from a 64-bit integer.
@@ -37,7 +39,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class _OpenAISamplingFields(BaseModel):
     """Fields shared by completion and chat requests, named as OpenAI and vLLM name them."""
 
     # NaN and Infinity are valid Python JSON but no valid value of any field.
@@ -67,15 +69,25 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # Per-request KV policy (kv_manager.policies.KVPolicySettings); None: the server default.
-    kv_policy: str | None = None
-    kv_ratio: float | None = None
-    kv_max_tokens: int | None = None
-    kv_min_tokens: int | None = None
-    recent_ratio: float | None = None
-    sink_tokens: int | None = None
-    tau_init: float | None = None
-    tau_end: float | None = None
+
+
+def _kv_request_field(setting: KVSetting) -> tuple[Any, Any]:
+    """The request field of one KV setting: optional (None: the server's
+    default), its type, help and valid values as KVPolicySettings declares
+    them, so the OpenAPI schema documents them and a bad value is a 400."""
+    kind = Literal[setting.limits.choices] if setting.limits.choices else setting.kind
+    description = f"{setting.help} (null: the server's default)"
+    return kind | None, Field(None, description=description, **setting.limits.bounds())
+
+
+# The shared fields plus the per-request KV policy, whose fields are declared
+# once, in kv_manager.policies.KVPolicySettings.
+SamplingFields = create_model(
+    "SamplingFields",
+    __base__=_OpenAISamplingFields,
+    __doc__=_OpenAISamplingFields.__doc__,
+    **{s.name: _kv_request_field(s) for s in KV_SETTINGS},
+)
 
 
 class UsageInfo(BaseModel):
