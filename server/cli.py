@@ -4,31 +4,35 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from engine.config import EngineConfig
+from kv_manager.policies import KV_POLICY_FIELDS, KV_SETTINGS, KVSetting
 from server.config import LOG_LEVELS, ServeConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name for clients
-# With no config file, the server runs the project's point: Keyformer eviction.
-SERVE_DEFAULTS = {"kv_policy": "keyformer", "kv_ratio": 0.5}
+_KV_DEFAULTS = {s.name: s.default for s in KV_SETTINGS}
 
 
-def engine_config(
-    config_path: str | None, overrides: dict, defaults: dict | None = None
-) -> EngineConfig:
-    """Flags win over the config file; with no file, `defaults` win over EngineConfig's."""
+def engine_config(config_path: str | None, overrides: dict) -> EngineConfig:
+    """Flags win over the config file, which wins over EngineConfig's defaults."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if config_path:
         return EngineConfig.from_yaml(config_path, **overrides)
-    return EngineConfig(**{**(defaults or {}), **overrides})
+    return EngineConfig(**overrides)
+
+
+def kv_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The --kv-* flags as EngineConfig fields (None where not given)."""
+    return {name: getattr(args, name) for name in KV_POLICY_FIELDS}
 
 
 def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
-    config = engine_config(
-        args.config, {"model": args.model, "dtype": args.dtype, "device": args.device}
-    )
+    overrides = {"model": args.model, "dtype": args.dtype, "device": args.device}
+    config = engine_config(args.config, {**overrides, **kv_flag_values(args)})
     llm = LLM(**vars(config))
     prompt = args.prompt
     if args.chat:
@@ -42,7 +46,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def serve_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine config `keyserve serve` runs with: flags, then --config, then SERVE_DEFAULTS."""
+    """The engine config `keyserve serve` runs with: flags, then --config, then EngineConfig's
+    defaults (whose KV policy is KVPolicySettings's: keyformer at kv_ratio 0.5)."""
     overrides = {
         "model": args.model,
         "dtype": args.dtype,
@@ -53,10 +58,9 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
-        "kv_policy": args.kv_policy,
-        "kv_ratio": args.kv_ratio,
+        **kv_flag_values(args),
     }
-    return engine_config(args.config, overrides, SERVE_DEFAULTS)
+    return engine_config(args.config, overrides)
 
 
 def server_config(args: argparse.Namespace) -> ServeConfig:
@@ -118,13 +122,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _kv_flag_type(setting: KVSetting) -> Callable[[str], Any]:
+    """Read a --kv-* flag as its setting's type and check it by the setting's
+    own rule, so a bad value stops the command with the same message a bad
+    config key or request field gets."""
+
+    def parse(text: str) -> Any:
+        value = setting.kind(text)  # a ValueError: argparse's "invalid float value: 'x'"
+        try:
+            setting.check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+        return value
+
+    parse.__name__ = setting.kind.__name__
+    return parse
+
+
+def _add_kv_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per KV setting (--kv-policy, --kv-ratio, ...), generated from
+    KVPolicySettings: name, type, valid values and help. No argparse default:
+    an unset flag leaves the value to --config, then to KVPolicySettings."""
+    group = parser.add_argument_group(
+        "default KV policy",
+        "The policy of requests that set none (each request may override each field). "
+        "A flag wins over the --config file's key, which wins over the default shown.",
+    )
+    for s in KV_SETTINGS:
+        rule = "" if s.limits.choices else f"; {s.limits.rule()}"
+        default = "none" if s.default is None else s.default
+        group.add_argument(
+            "--" + s.name.replace("_", "-"),
+            type=_kv_flag_type(s),
+            choices=s.limits.choices,
+            # argparse %-formats help text.
+            help=f"{s.help}{rule} (default: {default})".replace("%", "%%"),
+        )
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible HTTP server",
         description="Serve /v1/completions and /v1/chat/completions. With no flags: the "
-        "embedded SmolLM2-135M-Instruct, kv_policy keyformer at kv_ratio 0.5, on "
-        "127.0.0.1:8000. Flags override the --config file, which overrides those defaults.",
+        f"embedded SmolLM2-135M-Instruct, kv_policy {_KV_DEFAULTS['kv_policy']} at kv_ratio "
+        f"{_KV_DEFAULTS['kv_ratio']}, on 127.0.0.1:8000. Flags override the --config file, "
+        "which overrides those defaults.",
     )
     serve.add_argument("--config", help="YAML config (see configs/default.yaml)")
     serve.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M)")
@@ -146,8 +189,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-model-len", type=_positive_int)
     serve.add_argument("--max-num-seqs", type=_positive_int)
     serve.add_argument("--max-num-batched-tokens", type=_positive_int)
-    serve.add_argument("--kv-policy", choices=["full", "window", "streaming", "h2o", "keyformer"])
-    serve.add_argument("--kv-ratio", type=float, help="KV budget as a fraction of the prompt")
     serve.add_argument(
         "--max-waiting",
         type=_positive_int,
@@ -171,6 +212,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="on SIGTERM, seconds to let running requests finish (default 30)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS)
+    _add_kv_flags(serve)
     serve.set_defaults(func=_serve)
 
 
@@ -190,6 +232,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="complete the raw text instead of wrapping it in the chat template",
     )
+    _add_kv_flags(gen)
     gen.set_defaults(func=_generate)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kv_manager.policies import KV_SETTINGS, KVPolicySettings
 from server.cli import build_parser, serve_config, server_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,73 @@ def test_flags_override_the_config_file(tmp_path):
 def test_bad_flags_exit(argv):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
+
+
+def test_kv_defaults_hold_with_a_config_file_that_sets_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  block_size: 32\n")
+    config = serve_config(build_parser().parse_args(["serve", "--config", str(path)]))
+    assert config.kv_policy_settings() == KVPolicySettings()
+    assert (config.kv_policy, config.kv_ratio) == ("keyformer", 0.5)
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_every_kv_setting_has_a_flag(command):
+    """The --kv-* flags are generated from KVPolicySettings: one per field,
+    typed, unset unless given (so the config file keeps its say)."""
+    prefix = [command] if command == "serve" else [command, "hi"]
+    unset = build_parser().parse_args(prefix)
+    assert all(getattr(unset, s.name) is None for s in KV_SETTINGS)
+    argv = ["--kv-policy", "streaming", "--kv-ratio", "0.25", "--kv-max-tokens", "64"]
+    argv += ["--kv-min-tokens", "0", "--recent-ratio", "0.5", "--sink-tokens", "2"]
+    argv += ["--tau-init", "0.5", "--tau-end", "3"]
+    args = build_parser().parse_args(prefix + argv)
+    given = {s.name: getattr(args, s.name) for s in KV_SETTINGS}
+    assert given == {
+        "kv_policy": "streaming",
+        "kv_ratio": 0.25,
+        "kv_max_tokens": 64,
+        "kv_min_tokens": 0,
+        "recent_ratio": 0.5,
+        "sink_tokens": 2,
+        "tau_init": 0.5,
+        "tau_end": 3.0,
+    }
+    assert all(type(v) is s.kind for s, v in zip(KV_SETTINGS, given.values(), strict=True))
+
+
+def test_kv_flags_win_over_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  kv_policy: h2o\n  recent_ratio: 0.1\n  sink_tokens: 8\n")
+    argv = ["serve", "--config", str(path), "--recent-ratio", "0.4", "--kv-policy", "full"]
+    config = serve_config(build_parser().parse_args(argv))
+    assert (config.kv_policy, config.recent_ratio, config.sink_tokens) == ("full", 0.4, 8)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--kv-ratio", "1.5", "kv_ratio must be in (0, 1], got 1.5"),
+        ("--tau-init", "0", "tau_init must be positive, got 0.0"),
+        ("--kv-max-tokens", "0", "kv_max_tokens must be at least 1, got 0"),
+        ("--kv-min-tokens", "1.5", "invalid int value: '1.5'"),
+        ("--recent-ratio", "nan", "recent_ratio must be in [0, 1], got nan"),
+    ],
+)
+def test_bad_kv_flag_exits_with_the_settings_message(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_kv_flag_help_comes_from_the_definition(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in KV_SETTINGS:
+        assert "--" + s.name.replace("_", "-") in text
+        assert " ".join(s.help.split()) in text
+    assert "(default: keyformer)" in text and "in (0, 1] (default: 0.5)" in text
 
 
 def test_generate_is_still_there():
