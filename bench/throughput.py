@@ -182,9 +182,11 @@ def load_average() -> list[float] | None:
 def load_keyserve(args: argparse.Namespace) -> Any:
     from engine import LLM
 
+    # The comparison with transformers is of full attention: greedy tokens must match.
     return LLM(
         dtype="float32",
         device="cpu",
+        kv_policy="full",
         kv_cache_bytes=args.kv_cache_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
