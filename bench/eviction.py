@@ -105,8 +105,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 _GUMBEL_HELP = (
     "finite (default): the engine draws Keyformer noise through "
-    "bench.eviction_dense.finite_gumbel_noise (the +inf of kv_manager's gumbel_noise "
-    "replaced, see bench/README.md); as-is: the engine untouched"
+    "bench.eviction_dense.finite_gumbel_noise (which would replace a +inf; the "
+    "engine's table-based noise has none, so both modes draw the same noise, see "
+    "bench/README.md); as-is: the engine untouched"
 )
 
 
