@@ -4,6 +4,7 @@ it starts."""
 
 import pytest
 
+from bench.peer import compare
 from bench.peer.compare import (
     Server,
     keyserve_server,
@@ -103,11 +104,16 @@ def test_keyserve_command_is_a_valid_serve_invocation():
     assert server.url == "http://127.0.0.1:8400"
 
 
-def test_vllm_gets_every_core_and_the_same_kv_size():
+def test_vllm_gets_every_core_and_the_same_kv_size(monkeypatch):
     args = parse_args(["--kv-cache-gib", "2"])
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 8)
     server = vllm_server("/venv/bin/python", args, 8300)
     assert server.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM takes whole GiB only
+    # Its OpenMP threads bound to every core of the machine, none kept back.
+    assert server.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-7"
     assert server.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
+    assert vllm_server("/venv/bin/python", args, 8300).env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert "--dtype" in server.command and "float32" in server.command
     with pytest.raises(ValueError, match="whole number"):
         vllm_server("/venv/bin/python", parse_args(["--kv-cache-gib", "1.5"]), 8300)
