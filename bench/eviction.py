@@ -39,6 +39,7 @@ from bench.eviction_engine import (
 )
 from bench.eviction_report import write_results
 from bench.eviction_workload import Prompt, capacity_prompts, summary_prompts
+from bench.provenance import git_provenance
 from bench.throughput import Progress, load_average, log, machine_info, process_age_s
 
 RESULTS_DIR = Path(__file__).parent / "results" / "eviction"
@@ -382,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "bench.eviction", *argv]),

@@ -21,7 +21,6 @@ the same round), so each ratio compares two runs that met the same drift.
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import statistics
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.provenance import git_provenance, write_json
 from bench.serve import render_table, run_load, write_results
 from bench.server_process import keyserve_command, start_server, stop_server
 
@@ -313,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     out = args.out / args.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     servers = []
@@ -327,13 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             stop(server)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(write_outputs(results, servers, args, out))
+    return 0
+
+
+def write_outputs(
+    results: list[dict], servers: list[Server], args: argparse.Namespace, out: Path
+) -> str:
+    """results.json (every run, and the git commit), summary.md (returned) and,
+    with several prompt lengths, scaling.png."""
+    write_json(out / "results.json", {"runs": results}, indent=1)
     text = summary(results, servers, args)
     (out / "summary.md").write_text(text)
     if len(args.prompt_tokens) > 1:
         plot_scaling(results, servers, args, out / "scaling.png")
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
