@@ -142,7 +142,15 @@ def _long_context(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp / "lc.json"
 
 
-WRITERS = [_serve, _compare, _throughput, _eviction, _accuracy, _soak, _long_context]
+def _paired(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from bench import paired
+
+    monkeypatch.setattr(paired, "markdown", lambda result: "")
+    paired.write_report(tmp, "p", {"a": {"commit": "x"}, "b": {"commit": "y"}})
+    return tmp / "p.json"
+
+
+WRITERS = [_serve, _compare, _throughput, _eviction, _accuracy, _soak, _long_context, _paired]
 
 
 @pytest.mark.parametrize("writer", WRITERS, ids=lambda w: w.__name__.strip("_"))
