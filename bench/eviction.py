@@ -39,6 +39,7 @@ from bench.eviction_engine import (
 )
 from bench.eviction_report import write_results
 from bench.eviction_workload import Prompt, capacity_prompts, summary_prompts
+from bench.provenance import git_provenance
 from bench.throughput import Progress, load_average, log, machine_info, process_age_s
 
 RESULTS_DIR = Path(__file__).parent / "results" / "eviction"
@@ -105,8 +106,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 _GUMBEL_HELP = (
     "finite (default): the engine draws Keyformer noise through "
-    "bench.eviction_dense.finite_gumbel_noise (the +inf of kv_manager's gumbel_noise "
-    "replaced, see bench/README.md); as-is: the engine untouched"
+    "bench.eviction_dense.finite_gumbel_noise (which would replace a +inf; the "
+    "engine's table-based noise has none, so both modes draw the same noise, see "
+    "bench/README.md); as-is: the engine untouched"
 )
 
 
@@ -381,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "bench.eviction", *argv]),

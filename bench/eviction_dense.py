@@ -51,7 +51,9 @@ from kv_manager.policies import KVPolicySettings
 from kv_manager.scoring import gumbel_noise, step_scores
 
 SCORED_POLICIES = ("h2o", "keyformer")
-# What gumbel_noise means for its largest draw: u = 1 - 2**-25, g = -log(-log(u)).
+# Stands in for a +inf draw: g = -log(-log(u)) at u = 1 - 2**-25 (17.33), the
+# largest draw of the float32 gumbel_noise that could return +inf; above every
+# level of today's table.
 GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-25)))
 
 
@@ -62,17 +64,18 @@ def finite_gumbel_noise(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
 ) -> torch.Tensor:
-    """kv_manager.scoring.gumbel_noise without its +inf.
+    """kv_manager.scoring.gumbel_noise, with any +inf replaced by GUMBEL_MAX.
 
-    NOTE: gumbel_noise maps the top 24 bits of its hash to
-    u = (top + 0.5) / 2**24 in float32, and for top = 2**24 - 1 the sum rounds
-    up to 2**24: u = 1 and g = +inf, once in 2**24 draws. A prompt of 1,500
-    tokens draws ~6e8 (every prompt query against every key, 9 heads, 30
-    layers), so a Keyformer request meets dozens; each turns one query's
-    softmax into NaN, which then sits in the accumulated scores of a whole
-    (layer, kv-head) (H2O too: the engine multiplies the noise by its gumbel
-    flag, and inf * 0 = NaN). Here the +inf becomes the value the formula
-    means for that draw; every other draw is gumbel_noise's, bit for bit.
+    NOTE: today this returns gumbel_noise's draws unchanged, bit for bit.
+    gumbel_noise reads Gumbel(0, 1) from a table of 2**16 finite levels
+    (kv_manager/scoring.py, GUMBEL_TABLE_BITS), indexed by the top 16 bits of
+    its hash; the largest level is about 11.8, so no draw is +inf. The guard
+    dates from a gumbel_noise that computed u = (top + 0.5) / 2**24 from the
+    hash's top 24 bits in float32, where the top draw rounded to u = 1 and
+    g = +inf, and one +inf turned a whole (layer, kv-head) row of accumulated
+    scores into NaN (H2O too: the engine multiplies the noise by its gumbel
+    flag, and inf * 0 = NaN). It is kept so that `--engine-gumbel finite`
+    would still mean "noise as specified" if the engine's noise changed again.
     """
     noise = gumbel_noise(seed, layer, head, query_pos, key_pos)
     return noise.masked_fill(torch.isinf(noise), GUMBEL_MAX)

@@ -47,8 +47,8 @@ FULL = Config("full", None)
 @contextmanager
 def engine_noise(mode: str) -> Iterator[None]:
     """`finite`: the engine's attention draws Keyformer's noise through
-    finite_gumbel_noise (its +inf replaced, see bench/eviction_dense.py) for
-    the duration; `as-is`: untouched."""
+    finite_gumbel_noise (which would replace a +inf, see
+    bench/eviction_dense.py) for the duration; `as-is`: untouched."""
     import engine.attention.scoring as attention
 
     if mode == "as-is":

@@ -1,9 +1,10 @@
 """The eviction benchmark's outputs: raw JSON, a markdown table per figure,
 and one PNG plot of attention mass against budget."""
 
-import json
 from pathlib import Path
 from typing import Any
+
+from bench.provenance import describe, with_provenance, write_json
 
 POLICY_ORDER = ("window", "streaming", "h2o", "keyformer")
 
@@ -11,7 +12,8 @@ POLICY_ORDER = ("window", "streaming", "h2o", "keyformer")
 def write_results(report: dict[str, Any], out_dir: Path, name: str, plot: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    report = with_provenance(report)
+    write_json(paths[0], report, indent=1)
     paths[1].write_text(render_markdown(report, f"{name}.png" if plot else None))
     if plot and "attention_mass" in report:
         paths.append(plot_mass(report, out_dir / f"{name}.png"))
@@ -44,7 +46,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"Wall time of the whole command{'' if report['complete'] else ' so far'}: "
         f"{report['wall_time_s']:.0f} s ({report['wall_time_s'] / 60:.1f} min, process start "
         "to results written)  ",
-        f"Date (UTC): {m['date_utc']}; git {m['git_commit']}{' (dirty)' if m['git_dirty'] else ''}",
+        f"Date (UTC): {m['date_utc']}; git {describe(report)}",
         "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), shared with other work; torch "
         f"{m['torch']}, torch threads {s['threads']}; load average at start "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import git_provenance, write_json
 from engine import LLM, SamplingParams
 
 
@@ -107,6 +108,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     per_seq = args.prompt_tokens + args.new_tokens
     pool_blocks = args.pool_seqs * -(-per_seq // args.block_size)
     llm = LLM(
@@ -152,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         "block_size": args.block_size,
         "kv_ratio": args.kv_ratio,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / f"{args.name}.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    print(write_report(args.out, args.name, meta, rows))
     return 0
+
+
+def write_report(out: Path, name: str, meta: dict, rows: list[dict]) -> str:
+    """out/NAME.json (meta, rows and the git commit) and out/NAME.md (returned)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", {"meta": meta, "rows": rows}, indent=2)
+    text = markdown(meta, rows)
+    (out / f"{name}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

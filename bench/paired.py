@@ -21,6 +21,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.provenance import describe, git_provenance, read_git_provenance, write_json
+
 RESULTS_DIR = Path(__file__).parent / "results" / "throughput"
 
 # Runs inside the checkout under test: only the offline API both sides share.
@@ -46,15 +48,9 @@ print(json.dumps(seconds))
 
 
 def commit_of(tree: Path) -> str:
-    """The checkout's commit, marked when its tree has uncommitted changes."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=tree, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return git("rev-parse", "--short", "HEAD") + (" (dirty)" if dirty else "")
+    """The checkout's short commit, " (dirty)" when its tracked files have
+    uncommitted changes ("unknown" outside git)."""
+    return describe(read_git_provenance(tree))
 
 
 def run_once(tree: Path, config: dict) -> dict[int, float]:
@@ -144,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     config = {
         "sizes": args.sizes,
         "prompt_tokens": args.prompt_tokens,
@@ -155,11 +152,17 @@ def main(argv: list[str] | None = None) -> None:
         for side in ("a", "b"):
             runs[side].append(run_once(getattr(args, side), config))
             print(f"round {r + 1} {side}: {runs[side][-1]}", file=sys.stderr, flush=True)
-    result = summarize(args, runs)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_report(args.out_dir, args.name, summarize(args, runs)))
+
+
+def write_report(out_dir: Path, name: str, result: dict) -> str:
+    """out_dir/NAME.json (with this harness's own commit beside A's and B's) and
+    out_dir/NAME.md (returned)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{name}.json", result, indent=2)
+    text = markdown(result)
+    (out_dir / f"{name}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

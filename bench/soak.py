@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.provenance import git_provenance, write_json
 from bench.server_process import free_port, keyserve_command, start_server, stop_server
 
 POLICIES = ["full", "window", "streaming", "h2o", "keyformer"]
@@ -302,6 +303,13 @@ def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def write_report(out: Path, report: Report, command: str) -> None:
+    """out/soak.json (every figure, and the git commit) and out/soak.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "soak.json", report.as_dict(), indent=2)
+    (out / "soak.md").write_text(markdown(report, command))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -317,6 +325,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="write soak.json and soak.md here")
     args = parser.parse_args()
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     proc = None
     url, pid = args.url, args.pid
     if args.serve is not None:
@@ -341,10 +350,7 @@ def main() -> None:
         stop_server(proc)
     print(json.dumps(report.as_dict(), indent=2))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        command = "python -m bench.soak " + shlex.join(sys.argv[1:])
-        (args.out / "soak.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-        (args.out / "soak.md").write_text(markdown(report, command))
+        write_report(args.out, report, "python -m bench.soak " + shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

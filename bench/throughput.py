@@ -10,11 +10,9 @@ and greedy decoding with EOS ignored. Results go to bench/results/throughput/.
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from bench.data import corpus_path, token_passages
+from bench.provenance import describe, git_provenance, with_provenance, write_json
 
 RESULTS_DIR = Path(__file__).parent / "results" / "throughput"
 FULL = {"sizes": [1, 16, 64], "prompt_tokens": 512, "new_tokens": 128}
@@ -136,8 +135,6 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
 
 
@@ -149,16 +146,6 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 def process_age_s() -> float | None:
@@ -390,7 +377,8 @@ def write_results(report: dict[str, Any], out_dir: Path, name: str) -> tuple[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     md_path = out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    report = with_provenance(report)
+    write_json(json_path, report, indent=2)
     md_path.write_text(render_markdown(report))
     return json_path, md_path
 
@@ -404,7 +392,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Wall time of the whole command{'' if report['complete'] else ' so far'}: "
         f"{report['wall_time_s']:.0f} s (process start to results written)  ",
-        f"Date (UTC): {m['date_utc']}; git {m['git_commit']}{' (dirty)' if m['git_dirty'] else ''}",
+        f"Date (UTC): {m['date_utc']}; git {describe(report)}",
         "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), torch {m['torch']}, "
         f"transformers {m['transformers']}, torch threads: {s['threads']}, "
@@ -469,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "bench.throughput", *argv]),

@@ -328,9 +328,14 @@ class AsyncEngine:
         if num_tokens > t.num_tokens:
             if t.first_token is None:
                 t.first_token = now
-                # NOTE: the engine does not report when a request was first
-                # scheduled; the start of the step that gave its first token is
-                # exact unless its prefill was chunked over several steps.
+                # Queue time as measured here: from the server's arrival time
+                # to the start of the engine step that gave the first token.
+                # The engine's out.metrics.first_scheduled_time is another
+                # thing: the scheduler sets it when it first admits the
+                # request and not again after a preemption. The two nearly agree
+                # when the prefill ran in one step; this one also counts the
+                # earlier chunks of a chunked prefill, and any running lost to
+                # a preemption before the first token.
                 queue_time = max(0.0, step_start - t.arrival)
                 self.metrics.record_first_token(
                     now - t.arrival, queue_time, len(out.prompt_token_ids)

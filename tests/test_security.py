@@ -3,7 +3,7 @@ never logged; loopback by default; no CORS unless configured; size and queue
 limits in the config; weights only from safetensors or GGUF."""
 
 import asyncio
-import inspect
+import hmac
 import logging
 import re
 from pathlib import Path
@@ -11,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from live_server import MODEL_NAME
+from starlette.requests import Request
 
 from server import ServerSettings, build_app
 from server.cli import build_parser, serve_config, server_config
-from server.errors import check_api_key
+from server.errors import AuthenticationError, check_api_key
 from server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +66,52 @@ def test_every_route_but_health_and_metrics_needs_the_key(live_server):
     _call(app, check)
 
 
-def test_the_key_is_compared_in_constant_time():
-    source = inspect.getsource(check_api_key)
-    assert "hmac.compare_digest" in source
-    assert "== api_key" not in source and "api_key ==" not in source
+def _request(authorization: str | None = None) -> Request:
+    headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+    return Request({"type": "http", "method": "GET", "path": "/", "headers": headers})
+
+
+def _accepts(authorization: str | None, api_key: str | None = KEY) -> bool:
+    try:
+        check_api_key(_request(authorization), api_key)
+    except AuthenticationError:
+        return False
+    return True
+
+
+def test_the_key_check_accepts_the_key_and_nothing_else():
+    assert _accepts(f"Bearer {KEY}")
+    assert _accepts(f"bearer {KEY}")  # the scheme is case-insensitive
+    wrong_same_length = KEY[:-1] + ("x" if KEY[-1] != "x" else "y")
+    assert len(wrong_same_length) == len(KEY)
+    refused = {
+        "wrong key, same length": f"Bearer {wrong_same_length}",
+        "a prefix of the key": f"Bearer {KEY[:-1]}",
+        "the key and more": f"Bearer {KEY}x",
+        "empty key": "Bearer ",
+        "no scheme": KEY,
+        "another scheme": f"Basic {KEY}",
+        "no header": None,
+    }
+    for what, header in refused.items():
+        assert not _accepts(header), what
+    # No key configured: no auth at all.
+    assert _accepts(None, api_key=None) and _accepts("Bearer anything", api_key=None)
+
+
+def test_the_key_is_compared_in_constant_time(monkeypatch):
+    """The verdict is hmac.compare_digest's alone (whose time does not depend
+    on where the bytes differ): no == or early exit decides before it."""
+    calls = []
+
+    def compare_digest_says_yes(a, b):
+        calls.append((a, b))
+        return True
+
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest_says_yes)
+    for token in (KEY[:-1] + "?", "short", ""):
+        assert _accepts(f"Bearer {token}")  # so no other comparison refused it
+    assert calls == [(t.encode(), KEY.encode()) for t in (KEY[:-1] + "?", "short", "")]
 
 
 def test_the_key_never_reaches_the_logs(live_server, caplog):

@@ -4,7 +4,6 @@ import argparse
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import Any
 
 from bench.accuracy import fewshot, report, resume, retrieval, runner, sotu, summarization
 from bench.accuracy.common import Item
+from bench.provenance import git_provenance
 
 TASKS = ("summarization", "fewshot", "retrieval")
 POLICIES = ("full", "window", "streaming", "h2o", "keyformer")
@@ -121,19 +121,13 @@ def load_llm(args: argparse.Namespace) -> Any:
 
 
 def _git_commit() -> str:
-    """The commit of the code that runs (this file's checkout), "+dirty" when
-    it has uncommitted changes; read at the start, since a long run may
-    outlive later commits."""
-
-    def git(*words: str) -> str:
-        out = subprocess.run(["git", *words], cwd=Path(__file__).parent, capture_output=True)
-        return out.stdout.decode().strip()
-
-    try:
-        head, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
-    except OSError:
-        return ""
-    return head + ("+dirty" if changes else "")
+    """The commit of the code that runs (this checkout), "+dirty" when it has
+    uncommitted changes ("" outside git); read at the start, since a long run
+    may outlive later commits (results.json gets the same, as git_commit and
+    git_dirty)."""
+    provenance = git_provenance()
+    commit = provenance["git_commit"] or ""
+    return commit + ("+dirty" if commit and provenance["git_dirty"] else "")
 
 
 def _meta(

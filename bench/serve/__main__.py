@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from bench.provenance import git_provenance
 from bench.serve import render_report, run_load, write_results
 
 
@@ -52,6 +53,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    git_provenance()  # the commit as the run starts: it may outlive later commits
     result = asyncio.run(
         run_load(
             args.url,

@@ -5,6 +5,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.provenance import write_json
+
 Result = Mapping[str, Any]
 
 # The comparison table: (header, how to read and format a figure of a result).
@@ -102,10 +104,10 @@ def _percent(value: float | None) -> str:
 
 
 def write_results(result: Result, out_dir: str | Path) -> tuple[Path, Path]:
-    """out_dir/LABEL.json (every figure) and out_dir/LABEL.md."""
+    """out_dir/LABEL.json (every figure, and the git commit) and out_dir/LABEL.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{result['label']}.json", out / f"{result['label']}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(json_path, result, indent=2)
     md_path.write_text(render_report(result), encoding="utf-8")
     return json_path, md_path
