@@ -27,6 +27,9 @@ class PrefillSpan:
     # Physical slots of all keys [slot_start + num_tokens]; set when scoring.
     key_slots: torch.Tensor | None = None
     score: ScoreSpec | None = None
+    # The blocks holding slots [0, num_keys), host ints: what a varlen kernel
+    # that reads every chunk through the cache needs (fresh prompts included).
+    blocks: list[int] = field(default_factory=list)
 
     @property
     def num_keys(self) -> int:

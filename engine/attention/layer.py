@@ -81,7 +81,6 @@ class PagedAttention(nn.Module):
         if ctx.decode is not None:  # the batch's first rows
             rows = slice(0, ctx.decode.num_rows)
             out[rows] = backend.decode(q[rows], ctx.decode, ctx)
-        for i, span in enumerate(ctx.prefills):
-            rows = slice(span.token_start, span.token_start + span.num_tokens)
-            out[rows] = backend.prefill(q[rows], k[rows], v[rows], span, ctx, i)
+        if ctx.prefills:
+            backend.prefill_all(q, k, v, ctx, out)
         return out.flatten(1)

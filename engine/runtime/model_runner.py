@@ -104,6 +104,7 @@ class ModelRunner:
             query_positions=torch.arange(chunk.start, chunk.end, device=dev),
             key_slots=self.cache.physical_slots(used, num_keys) if spec else None,
             score=spec,
+            blocks=used,
         )
 
     def _decode_batch(

@@ -41,6 +41,21 @@ class AttentionBackend:
         cached before it. q [n, Hq, D]; k, v: its own [n, Hkv, D] -> [n, Hq, D]."""
         raise NotImplementedError
 
+    def prefill_all(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: AttentionContext,
+        out: torch.Tensor,
+    ) -> None:
+        """Every prompt chunk of the step into its rows of `out` (q, k, v, out:
+        the whole batch's rows). One chunk at a time here; a backend with a
+        varlen kernel does them in one launch."""
+        for i, span in enumerate(ctx.prefills):
+            rows = slice(span.token_start, span.token_start + span.num_tokens)
+            out[rows] = self.prefill(q[rows], k[rows], v[rows], span, ctx, i)
+
 
 def scoring_rows(t: torch.Tensor, scoring) -> torch.Tensor:
     """The scoring rows of a decode-batch tensor (no copy when that is all of them)."""
