@@ -8,6 +8,9 @@ machine with CUDA the same tests run compiled on the GPU.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -151,6 +154,7 @@ def _run(case, scores=None, **kw) -> torch.Tensor:
         (4, 8, 16, torch.float32, 16),
         (16, 2, 64, torch.float32, 64),
         (16, 2, 16, torch.bfloat16, 16),
+        (16, 2, 64, torch.bfloat16, None),  # the default tile: 64 slots
         (4, 2, 16, torch.float16, 16),
     ],
 )
@@ -278,3 +282,69 @@ def test_scored_and_plain_attention_agree() -> None:
     plain = _run(case, block_n=16)
     scored = _run(case, _score_args(case), block_n=16)
     assert torch.equal(plain, scored)
+
+
+# -- the compiled kernel -----------------------------------------------------
+
+# Compiles the kernel for an H100/H200 (sm_90) to a cubin with the arguments
+# paged_decode_attention would pass, in a process of its own (this one runs
+# the interpreter). No GPU needed: it catches what only the compiler sees
+# (types across branches and loops, dot shapes, constexpr handling).
+_COMPILE_SCRIPT = """
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels.triton import decode
+from kv_manager.scoring import gumbel_table
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+
+def compile_for_sm90(dtype, scored, D, group, block_size, table_dtype):
+    B, Hkv, nb = 2, 2, 3
+    q = torch.zeros(B, Hkv * group, D, dtype=dtype)
+    k = torch.zeros(nb * B, block_size, Hkv, D, dtype=dtype)
+    table = torch.zeros(B, nb, dtype=table_dtype)
+    num_keys = torch.ones(B, dtype=torch.int64)
+    s = None
+    if scored:
+        row = lambda t: torch.zeros(B, dtype=t)
+        s = decode.DecodeScoreArgs(
+            torch.zeros(k.shape[:3]), torch.zeros(k.shape[:3], dtype=torch.int32),
+            row(torch.bool), row(torch.float32), row(torch.int64), row(torch.bool),
+            row(torch.int64), 5, gumbel_table())
+    _, args, meta = decode.launch_args(q, q, k, k, table, num_keys, 0.1, s, None)
+    kernel = decode._decode_kernel
+    options = dict(num_warps=meta.pop("num_warps"))
+    sig = {}
+    for name, a in zip(kernel.arg_names, args):
+        if isinstance(a, torch.Tensor):
+            sig[name] = "*" + TYPES[a.dtype]
+        else:
+            sig[name] = "fp32" if isinstance(a, float) else "i32"
+    sig.update({name: "constexpr" for name in meta})
+    src = ASTSource(fn=kernel, signature=sig, constexprs=meta)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"], "no cubin"
+    print("compiled", dtype, scored, D, group, block_size, table_dtype, flush=True)
+
+compile_for_sm90(torch.bfloat16, True, 128, 8, 16, torch.int32)
+compile_for_sm90(torch.float16, False, 64, 1, 128, torch.int64)
+compile_for_sm90(torch.float32, True, 80, 3, 4, torch.int32)
+"""
+
+
+def test_the_kernel_compiles_for_sm90(tmp_path) -> None:
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("compiled") == 3

@@ -1,3 +1,3 @@
-"""Triton kernels for CUDA: paged decode attention and prompt attention, each
-with an optional scored variant that adds H2O / Keyformer eviction scores
-into the paged score cache. They take plain tensors and numbers."""
+"""Triton kernels for CUDA: attention that reads the paged KV cache in place and
+adds the H2O / Keyformer eviction scores. They take plain tensors and numbers
+and import nothing else of the project."""

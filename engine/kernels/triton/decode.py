@@ -35,13 +35,25 @@ from engine.kernels.triton.noise import gumbel_noise
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# Launch settings for an H200, not tuned yet (to be measured): 4 warps, and
-# key tiles of 64 slots (several 16-slot cache blocks, half a 128-slot one).
+# Launch settings for an H200, not tuned yet (nothing measured on a GPU): 4
+# warps, and key tiles (`default_block_n`) as large as compile for sm_90
+# without register spills (ptxas -v, Triton 3.9): 16-bit K/V tiles of 4,096
+# elements (32 slots at D = 128: two 16-slot cache blocks, or a quarter of a
+# 128-slot one; 64 at D = 64); float32 tiles of 16 slots.
 NUM_WARPS = 4
-BLOCK_N = 64
+TILE_ELEMENTS = 4096
 # tl.dot needs its inner dimension >= 16 for 16-bit inputs; the query heads
 # of a group are padded to 16 rows as well, the tensor-core tile height.
 MIN_DOT = 16
+MAX_BLOCK_N = 64
+
+
+def default_block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Slots per key tile for head size `head_dim` and K/V `dtype` (untuned)."""
+    if dtype == torch.float32:
+        return MIN_DOT
+    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    return max(MIN_DOT, min(MAX_BLOCK_N, TILE_ELEMENTS // block_d))
 
 
 @dataclass
@@ -84,11 +96,26 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _tile_logits(qv, cache, block, offset, valid, kv_head, s_b, s_s, s_h, scale, d, d_ok,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     """x = scale * q.k in float32 [BLOCK_G, BLOCK_N], -inf past the keys; and
-    the tile's K rows (also the addresses' shape for V with the same strides)."""
+    the tile's row offsets in the cache (V's too: it has K's strides)."""
     rows = block * s_b + offset * s_s + kv_head * s_h
     k = tl.load(cache + rows[:, None] + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
     x = _dot(qv, tl.trans(k), PRECISION, UPCAST) * scale
-    return tl.where(valid[None, :], x, float("-inf"))
+    return tl.where(valid[None, :], x, float("-inf")), rows
+
+
+@triton.jit
+def _attend_tile(acc, m, l, x, v_cache, rows, valid, d, d_ok,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """One tile's step of the online softmax: the running max m (base 2),
+    sum l and output accumulator acc, rescaled and updated from logits x."""
+    s = x * LOG2E
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    mask = valid[:, None] & d_ok[None, :]
+    v = tl.load(v_cache + rows[:, None] + d[None, :], mask=mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return acc, m_new, l * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -138,25 +165,17 @@ def _decode_kernel(
         inv_tau = 1.0 / tl.load(tau + seq)
         row_seed = tl.load(seed + seq)
         row_pos = tl.load(query_pos + seq)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max (base 2)
-    l = tl.zeros([BLOCK_G], tl.float32)  # running sum
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    m2 = tl.full([BLOCK_G], float("-inf"), tl.float32)  # the same for the tempered logits
+    # The running max and sum of the tempered logits (base 2).
+    m2 = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l2 = tl.zeros([BLOCK_G], tl.float32)
     for start in range(0, n, BLOCK_N):
         block, offset, valid = _key_tile(table_row, start, n, BLOCK_N, BLOCK_SIZE)
-        x = _tile_logits(qv, k_cache, block, offset, valid, kv_head, s_kb, s_ks, s_kh, scale,
-                         d, d_ok, PRECISION, UPCAST)  # fmt: skip
-        s = x * LOG2E
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        rows = block * s_kb + offset * s_ks + kv_head * s_kh
-        v_mask = valid[:, None] & d_ok[None, :]
-        v = tl.load(v_cache + rows[:, None] + d[None, :], mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m = m_new
+        x, rows = _tile_logits(qv, k_cache, block, offset, valid, kv_head, s_kb, s_ks, s_kh,
+                               scale, d, d_ok, PRECISION, UPCAST)  # fmt: skip
+        acc, m, l = _attend_tile(acc, m, l, x, v_cache, rows, valid, d, d_ok, PRECISION, UPCAST)
         if SCORED and scoring:
             z = _tempered(x, block, offset, valid, heads, kv_head, pos_cache, s_pb, s_ps, s_ph,
                           inv_tau, noisy, row_seed, layer, row_pos, noise_table)  # fmt: skip
@@ -183,8 +202,8 @@ def _add_scores(qv, k_cache, table_row, n, kv_head, heads, row_ok, m2, inv_l2,
     query heads, added to its slot's score (score_cache has pos_cache's strides)."""
     for start in range(0, n, BLOCK_N):
         block, offset, valid = _key_tile(table_row, start, n, BLOCK_N, BLOCK_SIZE)
-        x = _tile_logits(qv, k_cache, block, offset, valid, kv_head, s_kb, s_ks, s_kh, scale,
-                         d, d_ok, PRECISION, UPCAST)  # fmt: skip
+        x, _ = _tile_logits(qv, k_cache, block, offset, valid, kv_head, s_kb, s_ks, s_kh, scale,
+                            d, d_ok, PRECISION, UPCAST)  # fmt: skip
         z = _tempered(x, block, offset, valid, heads, kv_head, pos_cache, s_pb, s_ps, s_ph,
                       inv_tau, noisy, seed, layer, query_pos, noise_table)  # fmt: skip
         f = tl.exp2(z - m2[:, None]) * inv_l2[:, None]
@@ -203,7 +222,7 @@ def paged_decode_attention(
     scale: float,
     scores: DecodeScoreArgs | None = None,
     *,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
 ) -> None:
     """Decode attention of one query per sequence over its paged K/V, written to `out`.
 
@@ -215,12 +234,22 @@ def paged_decode_attention(
     Sequence b's keys are its first num_keys[b] slots; slot s is at block
     block_tables[b, s // block_size], offset s % block_size. With `scores`,
     its active rows also add their H2O / Keyformer scores (module docstring).
-    block_n: slots per key tile, a power of two >= 16 (a launch setting).
+    block_n: slots per key tile, a power of two >= 16 (a launch setting;
+    default_block_n when None).
     """
+    grid, args, meta = launch_args(
+        out, q, k_cache, v_cache, block_tables, num_keys, scale, scores, block_n
+    )
+    _decode_kernel[grid](*args, **meta)
+
+
+def launch_args(out, q, k_cache, v_cache, block_tables, num_keys, scale, scores, block_n):
+    """The checked launch of paged_decode_attention: (grid, the kernel's
+    positional arguments, its constexprs and launch options)."""
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     _check(out, q, k_cache, v_cache, block_tables, num_keys)
-    group = Hq // Hkv
+    block_n = block_n or default_block_n(D, q.dtype)
     assert block_n >= MIN_DOT and block_n & (block_n - 1) == 0, "block_n: a power of two >= 16"
     s = scores
     if s is not None:
@@ -230,18 +259,18 @@ def paged_decode_attention(
             s.use_noise.view(torch.uint8), s.query_pos, s.noise_table,
         )  # fmt: skip
         pos_strides = s.pos_cache.stride()
-        table_bits = s.noise_table.numel().bit_length() - 1
-        assert table_bits == 16, "noise_table: the 2**16 levels of gumbel_table"
     else:
         score_args = (q,) * 8  # unused pointers
         pos_strides = (0, 0, 0)
-    interpreted = isinstance(_decode_kernel, InterpretedFunction)
-    _decode_kernel[(B, Hkv)](
+    args = (
         out, q, k_cache, v_cache, block_tables, num_keys, *score_args,
         scale, s.layer if s is not None else 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], block_tables.stride(0), *pos_strides,
-        GROUP=group, HEAD_DIM=D, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
+    )  # fmt: skip
+    interpreted = isinstance(_decode_kernel, InterpretedFunction)
+    meta = dict(
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(Hq // Hkv)),
         BLOCK_D=max(MIN_DOT, triton.next_power_of_2(D)), BLOCK_SIZE=block_size,
         BLOCK_N=block_n, SCORED=s is not None,
         # float32 products in full precision (the default would round to TF32).
@@ -249,6 +278,7 @@ def paged_decode_attention(
         UPCAST=interpreted and q.dtype == torch.bfloat16,
         num_warps=NUM_WARPS,
     )  # fmt: skip
+    return (B, Hkv), args, meta
 
 
 def _check(out, q, k_cache, v_cache, block_tables, num_keys) -> None:
@@ -279,5 +309,6 @@ def _check_scores(s: DecodeScoreArgs, k_cache: torch.Tensor, B: int) -> None:
         t = getattr(s, name)
         assert t.shape == (B,) and t.dtype == dtype and t.is_contiguous(), f"{name}: [B] {dtype}"
     assert s.noise_table.dtype == torch.float32 and s.noise_table.is_contiguous()
+    assert s.noise_table.numel() == 1 << 16, "noise_table: the 2**16 levels of gumbel_table"
     devices = {t.device for t in (k_cache, s.score_cache, s.pos_cache, s.tau, s.noise_table)}
     assert len(devices) == 1, "all tensors on one device"
