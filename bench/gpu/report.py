@@ -157,7 +157,7 @@ def _floor(hf: dict[str, Any] | None) -> list[str]:
     return [
         f"Floor: transformers' batched `generate` on the same weights and prompts, "
         f"{hf['prompts']} prompts: **{hf['output_tokens_per_s']:,.1f} output tok/s** "
-        f"({hf['seconds']:.1f} s){note}.",
+        f"({hf['seconds']:.1f} s){note}; after an untimed warm-up of one prompt.",
         "",
     ]
 
