@@ -60,7 +60,7 @@ def test_environment_forces_the_torch_backend(llama, monkeypatch):
 
 @pytest.mark.parametrize(
     "value, message",
-    [("triton", "must be one of"), ("flashinfer", "cannot run here")],
+    [("tensorrt", "must be one of"), ("flashinfer", "cannot run here")],
 )
 def test_a_backend_that_cannot_run_is_a_clear_error(llama, monkeypatch, value, message):
     monkeypatch.setenv(BACKEND_ENV, value)

@@ -3,16 +3,20 @@
 The choice is made once per layer, when the paged cache is bound (its device
 and dtype are then known), from the layer's geometry and what is installed:
 
-- `flashinfer`: FlashInfer's paged kernels (CUDA, half precision, its head
-  sizes), wrapping the backend below for what it does not cover;
 - `cpu`: the C++ kernels, on a CPU cache where they built;
+- `triton`: our Triton kernels, the default on CUDA (Triton ships with
+  torch's CUDA wheels); on a CPU only in Triton's interpreter, when forced;
+- `flashinfer`: FlashInfer's paged kernels for full attention where it is
+  installed (CUDA, half precision, its head sizes), wrapping the backend
+  above for what it does not cover;
 - `torch`: gathers and SDPA, anywhere; the only one for ALiBi and sliding
   windows, which need each key's original position.
 
-KEYSERVE_ATTENTION_BACKEND=torch|cpu|flashinfer forces one (an error where
-it cannot run), as vLLM's VLLM_ATTENTION_BACKEND does.
+KEYSERVE_ATTENTION_BACKEND=torch|cpu|triton|flashinfer forces one (an error
+where it cannot run), as vLLM's VLLM_ATTENTION_BACKEND does.
 """
 
+import importlib.util
 import os
 
 from engine.attention import flashinfer as flashinfer_library
@@ -24,7 +28,7 @@ from engine.attention.geometry import LayerCache, LayerGeometry
 from engine.kernels import cpu as cpu_kernels
 
 BACKEND_ENV = "KEYSERVE_ATTENTION_BACKEND"
-BACKENDS = ("torch", "cpu", "flashinfer")
+BACKENDS = ("torch", "cpu", "triton", "flashinfer")
 
 
 def select_backend(geometry: LayerGeometry, cache: LayerCache) -> AttentionBackend:
@@ -41,13 +45,24 @@ def select_backend(geometry: LayerGeometry, cache: LayerCache) -> AttentionBacke
 
 
 def _base_backend(geometry: LayerGeometry, cache: LayerCache, forced: str | None) -> TorchBackend:
-    cpu = (
-        forced != "torch"
-        and cache.k.device.type == "cpu"
-        and not geometry.needs_key_positions
-        and cpu_kernels.loaded()
-    )
-    return CpuBackend(geometry, cache) if cpu else TorchBackend(geometry, cache)
+    if forced == "torch" or geometry.needs_key_positions:
+        return TorchBackend(geometry, cache)
+    on_cpu = cache.k.device.type == "cpu"
+    wants_triton = forced == "triton" or (forced in (None, "flashinfer") and not on_cpu)
+    if wants_triton and _triton_runs(on_cpu):
+        from engine.attention.backends.triton import TritonBackend  # imports triton
+
+        return TritonBackend(geometry, cache)
+    if on_cpu and forced in (None, "cpu", "flashinfer") and cpu_kernels.loaded():
+        return CpuBackend(geometry, cache)
+    return TorchBackend(geometry, cache)
+
+
+def _triton_runs(on_cpu: bool) -> bool:
+    """Triton is installed, and this is CUDA or its interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return not on_cpu or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _flashinfer_applies(geometry: LayerGeometry, cache: LayerCache) -> bool:
@@ -60,9 +75,11 @@ def _flashinfer_applies(geometry: LayerGeometry, cache: LayerCache) -> bool:
 
 
 def _why_not(name: str) -> str:
-    if name == "cpu":
-        return "needs a CPU cache, no ALiBi or sliding window, and the C++ kernels built"
-    return "needs FlashInfer installed, CUDA, half precision, and no ALiBi or sliding window"
+    return {
+        "cpu": "needs a CPU cache, no ALiBi or sliding window, and the C++ kernels built",
+        "triton": "needs Triton, and CUDA or TRITON_INTERPRET=1; no ALiBi or sliding window",
+        "flashinfer": "needs FlashInfer, CUDA, half precision, no ALiBi or sliding window",
+    }[name]
 
 
 __all__ = [
