@@ -70,6 +70,9 @@ class EngineConfig(KVPolicyDefaults):
     # carry token ids only.
     skip_tokenizer_init: bool = False
     seed: int = 0
+    # Run decode steps eagerly: no CUDA graphs (vLLM's flag). Graphs apply on
+    # CUDA with the Triton attention backend; elsewhere this changes nothing.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the KV defaults

@@ -58,6 +58,7 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enforce_eager": args.enforce_eager or None,
         **kv_flag_values(args),
     }
     return engine_config(args.config, overrides)
@@ -189,6 +190,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-model-len", type=_positive_int)
     serve.add_argument("--max-num-seqs", type=_positive_int)
     serve.add_argument("--max-num-batched-tokens", type=_positive_int)
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly, without CUDA graphs",
+    )
     serve.add_argument(
         "--max-waiting",
         type=_positive_int,

@@ -38,9 +38,15 @@ def _llm(folder, **kwargs) -> LLM:
     )  # fmt: skip
 
 
-def test_generation_equals_transformers(triton_backend, folder):
-    llm = _llm(folder, kv_cache_blocks=64, max_num_batched_tokens=8, kv_policy="full")
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_generation_equals_transformers(triton_backend, folder, enforce_eager):
+    """Decode steps through the graph buffers (padded to a bucket), or eagerly."""
+    llm = _llm(
+        folder, kv_cache_blocks=64, max_num_batched_tokens=8, kv_policy="full",
+        enforce_eager=enforce_eager,
+    )  # fmt: skip
     assert {a.backend.name for a in llm.engine.model.attention_layers()} == {"triton"}
+    assert (llm.engine.runner.graphs is None) == enforce_eager
     reference = load_reference(folder)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17, 30)]
@@ -56,3 +62,15 @@ def test_evicting_policies_equal_the_dense_reference(triton_backend, folder):
     llm = _llm(folder, kv_cache_blocks=256, max_num_batched_tokens=24)
     check_mixed_policy_batch(llm)
     assert llm.engine.stats()["tokens_evicted"] > 0
+
+
+def test_padded_rows_touch_only_the_scratch_block(triton_backend, folder):
+    """Three decodes run in a bucket of four: the fourth row's K/V go to the
+    scratch block past the pool, and no block the pool never handed out."""
+    llm = _llm(folder, kv_cache_blocks=32, kv_policy="full")
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    k = llm.engine.runner.cache.k  # [L, 33, block_size, Hkv, D]: block 32 is scratch
+    touched = [b for b in range(k.shape[1]) if k[:, b].abs().sum() > 0]
+    # Prompts of 3, 4, 2 tokens plus 4 outputs: 2 + 2 + 2 blocks from the front.
+    assert touched == [0, 1, 2, 3, 4, 5, 32]

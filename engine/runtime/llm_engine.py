@@ -59,6 +59,10 @@ class LLMEngine:
         self.evictor = Evictor(self.runner.cache, self.kv)
         backends = sorted({a.backend.name for a in self.model.attention_layers()})
         logger.info("attention backend: %s (%s, %s)", "/".join(backends), self.device, self.dtype)
+        # Decode graphs need every kernel of a step capturable and free of host
+        # syncs: the Triton backend's are (the torch backend's masks are not).
+        if backends == ["triton"] and not config.enforce_eager:
+            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len)
         # The engine's side of each request (sampling, detokenizer, text so
         # far), beside the scheduler's Request; dropped when it finishes.
         self._states: dict[str, RequestState] = {}

@@ -7,6 +7,7 @@ import torch
 from engine.attention.context import AttentionContext, DecodeBatch, DecodeScoring, PrefillSpan
 from engine.attention.scoring import ScoreSpec, tau_schedule
 from engine.models import CausalLM
+from engine.runtime.decode_graphs import DecodeGraphRunner
 from engine.runtime.kv_cache import PagedKVCache, slot_index, slot_of
 from scheduler import ScheduledChunk
 
@@ -27,7 +28,18 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.cache = PagedKVCache(model, num_blocks, block_size, dtype, device)
+        # One block past the pool's: padded rows of a graphed decode step
+        # write and read there, in no sequence's memory.
+        self.scratch_block = num_blocks
+        self.cache = PagedKVCache(model, num_blocks + 1, block_size, dtype, device)
+        self.graphs: DecodeGraphRunner | None = None
+
+    def use_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Run decode-only steps from static buffers (CUDA graphs on CUDA)."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphRunner(
+            self.model, self.block_size, max_batch, max_blocks, self.scratch_block, self.device
+        )
 
     @torch.inference_mode()
     def execute(
@@ -40,7 +52,10 @@ class ModelRunner:
         sample, in their order in `chunks`. Requests in `score_specs` also add
         this step's eviction scores to their slots."""
         input_ids, ctx, sample_rows = self._prepare(chunks, block_table, score_specs or {})
-        hidden = self.model(input_ids, ctx.positions, ctx)
+        if self.graphs is not None and self.graphs.applies(ctx):
+            hidden = self.graphs.run(input_ids, ctx)
+        else:
+            hidden = self.model(input_ids, ctx.positions, ctx)
         return self.model.compute_logits(hidden[sample_rows])
 
     def _prepare(
