@@ -152,3 +152,19 @@ def test_seeded_keyformer_is_reproducible_whatever_the_batch(folder):
     assert batch[0].outputs[0].token_ids == alone
     other_seed = SamplingParams(**{**p.__dict__, "seed": 999})
     assert llm.generate([prompts[0]], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_torch_victim_choice_equals_the_dense_reference(folder, monkeypatch):
+    """The torch selection (GPUs, or no C++ kernels) for a batch of score-based
+    sequences, in one pass, picks what the dense reference picks."""
+    monkeypatch.setattr("engine.runtime.eviction.lowest_priority_slots", lambda: None)
+    llm = LLM(
+        model=str(folder), skip_tokenizer_init=True, dtype="float32", block_size=4,
+        kv_cache_blocks=256, max_num_batched_tokens=24,
+    )  # fmt: skip
+    prompts = _prompts(4)
+    params = [_params(p, i) for i, p in enumerate(["h2o", "keyformer", "keyformer", "h2o"])]
+    results, checker = _run_checked(llm, prompts, params)
+    assert checker.evicted_somewhere
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        assert results[str(i)] == _reference(llm, prompt, p), p.kv_policy

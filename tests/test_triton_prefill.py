@@ -2,12 +2,15 @@
 the CPU through Triton's interpreter, against plain torch: the attention
 output, the H2O / Keyformer scores as engine.attention.scoring defines them,
 and the Gumbel hash bit for bit. A last test compiles the kernels for sm_90
-(no GPU needed) to catch what the interpreter lets through."""
+(no GPU needed) to catch what the interpreter lets through. With
+TRITON_INTERPRET=0 on a CUDA machine the kernels run compiled on the GPU
+(inputs and results cross over; the references stay on the CPU)."""
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -26,6 +29,11 @@ from engine.attention.scoring import ScoreSpec, add_prompt_scores  # noqa: E402
 from engine.kernels.triton import prefill  # noqa: E402
 from engine.kernels.triton.prefill import PrefillScoreArgs, paged_prefill_attention  # noqa: E402
 from kv_manager.scoring import gumbel_noise, gumbel_table  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 # (slot_start, tokens): a fresh prompt over several query and key tiles, a
 # later chunk over cached keys (slot_start not a multiple of any block size),
@@ -129,13 +137,29 @@ def reference_attention(b: Batch) -> torch.Tensor:
     return out
 
 
+def _to_device(scores: PrefillScoreArgs | None) -> PrefillScoreArgs | None:
+    if scores is None:
+        return None
+    moved = {
+        f.name: getattr(scores, f.name).to(DEVICE)
+        for f in dataclasses.fields(scores)
+        if isinstance(getattr(scores, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(scores, **moved)
+
+
 def run_kernel(b: Batch, scores: PrefillScoreArgs | None = None, **tiles) -> torch.Tensor:
-    out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype)
+    """The kernel's output (on the CPU); `scores.score_cache` gets its additions."""
+    out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype, device=DEVICE)
+    on_device = _to_device(scores)
     paged_prefill_attention(
-        out, b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.slot_start, b.block_tables, b.scale,
-        scores, **tiles,
+        out, b.q.to(DEVICE), b.k_cache.to(DEVICE), b.v_cache.to(DEVICE),
+        b.cu_seqlens_q.to(DEVICE), b.slot_start.to(DEVICE), b.block_tables.to(DEVICE), b.scale,
+        on_device, **tiles,
     )  # fmt: skip
-    return out
+    if scores is not None and on_device is not scores:
+        scores.score_cache.copy_(on_device.score_cache.cpu())
+    return out.cpu()
 
 
 # -- attention --------------------------------------------------------------------
@@ -299,8 +323,10 @@ def test_gumbel_noise_bit_exact(layer):
         M, dtype=torch.int32
     )
     key_pos[1] = 2**31 - 1
-    out = torch.empty(M, M)
-    _noise_kernel[(1,)](out, seed, head, query_pos, key_pos, gumbel_table(), layer, M=M)
+    out = torch.empty(M, M, device=DEVICE)
+    args = [t.to(DEVICE) for t in (seed, head, query_pos, key_pos)]
+    _noise_kernel[(1,)](out, *args, gumbel_table(DEVICE), layer, M=M)
+    out = out.cpu()
     expected = gumbel_noise(
         seed.view(M, 1), layer, head.view(M, 1), query_pos.view(M, 1), key_pos.view(1, M)
     )

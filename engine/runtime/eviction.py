@@ -98,17 +98,32 @@ class Evictor:
     ) -> torch.Tensor:
         """Victims [B, L, H] from each policy's keep-priorities, in torch."""
         scores, positions = self.cache.read_slot_state_batch(slots)  # [B, L, H, S]
-        priority = torch.stack(
-            [
-                r.kv.policy.keep_priority(
-                    scores[i], positions[i], r.kv.budget, r.num_computed_tokens
-                )
-                for i, r in enumerate(requests)
-            ]
-        )
+        priority = self._heavy_hitter_priorities(requests, scores, positions)
+        if priority is None:
+            priority = torch.stack(
+                [
+                    r.kv.policy.keep_priority(
+                        scores[i], positions[i], r.kv.budget, r.num_computed_tokens
+                    )
+                    for i, r in enumerate(requests)
+                ]
+            )
         valid = torch.arange(slots.shape[1], device=slots.device) < count.view(-1, 1)
         valid = valid.view(len(requests), 1, 1, -1)
         priority = priority.masked_fill(~valid, float("inf"))
         lowest = priority == priority.amin(dim=-1, keepdim=True)
         never = torch.iinfo(positions.dtype).max
         return positions.masked_fill(~(lowest & valid), never).argmin(dim=-1)
+
+    @staticmethod
+    def _heavy_hitter_priorities(
+        requests: list[Request], scores: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """HeavyHitterPolicy.keep_priority for a whole batch of h2o/keyformer
+        sequences in one pass (None for any other mix): the score, +inf from
+        each row's recent window on. One launch, not a few per sequence."""
+        if not all(isinstance(r.kv.policy, HeavyHitterPolicy) for r in requests):
+            return None
+        starts = [r.kv.policy.recent_start(r.kv.budget, r.num_computed_tokens) for r in requests]
+        recent = positions >= torch.tensor(starts, device=positions.device).view(-1, 1, 1, 1)
+        return scores.float().masked_fill(recent, float("inf"))

@@ -105,13 +105,16 @@ class PagedKVCache:
             flat[layer, dst, head] = flat[layer, src, head]
 
     def padded_slots(self, tables: list[list[int]], counts: list[int]) -> torch.Tensor:
-        """Physical slots of several sequences, [B, max(counts)], padded with slot 0."""
+        """Physical slots of several sequences, [B, max(counts)], padded with slot 0.
+        A few ops for the whole batch, not a few per sequence: on a GPU each
+        would be a launch."""
+        dev = self.k.device
+        blocks = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (blocks - len(t)) for t in tables], device=dev)
         width = max(counts)
-        rows = [self.physical_slots(t, n) for t, n in zip(tables, counts, strict=True)]
-        out = torch.zeros(len(rows), width, dtype=torch.long, device=self.k.device)
-        for i, r in enumerate(rows):
-            out[i, : r.numel()] = r
-        return out
+        slots = slot_index(padded, self.block_size)[:, :width]
+        past_end = torch.arange(width, device=dev) >= torch.tensor(counts, device=dev).view(-1, 1)
+        return slots.masked_fill(past_end, 0)
 
     def read_slot_state_batch(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and positions at physical `slots` [B, S], each [B, L, Hkv, S]."""
