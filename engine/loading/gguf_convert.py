@@ -3,7 +3,9 @@
 The `gguf` package reads and dequantizes the tensors; we rename them to the
 Hugging Face layout, undo llama.cpp's reordering of the q/k rows, and write
 config.json, model.safetensors and the tokenizer (with its chat template).
-The conversion runs once per file; later loads read the cached folder.
+The conversion runs once per file content: the cache is keyed by the file's
+SHA-256, so the same GGUF installed in several virtualenvs (or copied,
+linked, renamed) shares one converted folder.
 """
 
 import hashlib
@@ -41,17 +43,20 @@ def cache_root() -> Path:
 
 
 def convert_cached(gguf_path: Path) -> Path:
-    """The converted folder for `gguf_path`, converting on first use."""
+    """The converted folder for `gguf_path`'s content, converting on first use."""
     gguf_path = gguf_path.resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    out = cache_root() / "gguf" / f"{gguf_path.stem}-{key[:12]}"
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    key = content_key(gguf_path)
+    root = cache_root() / "gguf"
+    found = _converted(root, key)
+    if found is not None:
+        return found
+    # The file's name is only there for whoever lists the cache; lookups go
+    # by the key alone, so a copy under another name finds this folder too.
+    out = root / f"{gguf_path.stem}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash never leaves half a folder
     # that later loads would trust.
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         convert(gguf_path, tmp)
         tmp.rename(out)
@@ -61,6 +66,32 @@ def convert_cached(gguf_path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def content_key(gguf_path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256.
+
+    Not its path, size or mtime: pip writes a package's files with the
+    install time as mtime, so each virtualenv holds the same model under a
+    new path and a new mtime. A header hash alone would let two fine-tunes
+    with equal metadata share a folder. Hashing reads the whole file once
+    per load (about 0.1 s for the embedded model's 98 MB, far less than
+    loading its converted weights).
+    """
+    digest = hashlib.sha256()
+    with gguf_path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _converted(root: Path, key: str) -> Path | None:
+    # Sorted, so that if two differently named copies were converted at the
+    # same time every later load picks the same one of the two.
+    for folder in sorted(root.glob(f"*-{key}")):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
 
 
 def convert(gguf_path: Path, out: Path) -> None:
