@@ -17,6 +17,7 @@ from tiny_models import build_tiny_model, load_reference, reference_greedy
 
 from engine import LLM, SamplingParams
 from engine.attention import flashinfer as flashinfer_attention
+from engine.attention.backends import FlashInferBackend
 
 
 @pytest.fixture
@@ -158,3 +159,37 @@ def test_real_kernels_match_reference():
     out = wrapper.run(qp, (k_cache, v_cache))
     ref = _reference_attention(qp, k_cache, v_cache, tables[2], 60, True)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_scored_steps_go_whole_to_a_one_pass_backend(stand_in, tmp_path, monkeypatch):
+    """Over a backend that attends and scores in one pass (Triton, CUDA's
+    default), FlashInfer serves full attention only: steps that score keys go
+    whole to that backend. Here the C++ backend stands in for Triton (its
+    kernels score in one pass too); the routing, not the kernel, is tested."""
+    folder = build_tiny_model("llama", tmp_path)
+    llm = LLM(
+        model=str(folder), skip_tokenizer_init=True, dtype="float32",
+        block_size=4, kv_cache_blocks=256, max_num_batched_tokens=24,
+    )  # fmt: skip
+    layers = llm.engine.model.attention_layers()
+    assert all(isinstance(a.backend, FlashInferBackend) for a in layers)
+    for attn in layers:
+        attn.backend.fallback.name = "triton"
+    prompt = list(range(3, 30))
+    full = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, kv_policy="full")
+    out = llm.generate([prompt], full)[0].outputs[0].token_ids
+    assert out == reference_greedy(load_reference(folder), prompt, 6)
+    assert stand_in["decode"] > 0
+    seen = []  # per decode call: (it had scoring rows, FlashInfer ran it)
+    decode = FlashInferBackend.decode
+
+    def spy(self, q, batch, ctx):
+        before = stand_in["decode"]
+        out = decode(self, q, batch, ctx)
+        seen.append((batch.scoring is not None, stand_in["decode"] > before))
+        return out
+
+    monkeypatch.setattr(FlashInferBackend, "decode", spy)
+    check_mixed_policy_batch(llm)
+    assert any(scored for scored, _ in seen) and any(ran for _, ran in seen)
+    assert not any(scored and ran for scored, ran in seen)

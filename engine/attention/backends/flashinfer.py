@@ -1,8 +1,11 @@
 """The FlashInfer backend: its paged kernels read K/V in place on CUDA.
 
-FlashInfer returns no attention probabilities, so scoring reads the keys and
-adds scores in torch; where FlashInfer cannot plan a step (or a fresh prompt
-attends only to its own K/V), the call goes to the backend it wraps.
+FlashInfer serves full attention. It returns no attention probabilities, so
+a step that scores keys (h2o, keyformer) goes whole to the Triton backend it
+wraps on CUDA, whose kernels attend and score in one pass; over a backend
+without such kernels, scoring reads the keys and adds scores in torch. Where
+FlashInfer cannot plan a step (or a fresh prompt attends only to its own
+K/V), the call goes to the wrapped backend too.
 """
 
 import torch
@@ -25,12 +28,31 @@ class FlashInferBackend(AttentionBackend):
         """False from the first failed plan on: the fallback runs from then."""
         return library.available(q, self.geo.head_dim)
 
+    @property
+    def _fallback_scores_in_one_pass(self) -> bool:
+        """The wrapped backend attends and scores in one kernel (Triton)."""
+        return self.fallback.name == "triton"
+
+    def prefill_all(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: AttentionContext,
+        out: torch.Tensor,
+    ) -> None:
+        if self._fallback_scores_in_one_pass and any(s.score for s in ctx.prefills):
+            self.fallback.prefill_all(q, k, v, ctx, out)
+        else:
+            super().prefill_all(q, k, v, ctx, out)
+
     def write(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> None:
         self.fallback.write(k, v, ctx)
 
     def decode(self, q: torch.Tensor, batch: DecodeBatch, ctx: AttentionContext) -> torch.Tensor:
         """Planned by the step's first layer; every layer runs with that plan."""
-        if not self._usable(q):
+        scored_elsewhere = batch.scoring is not None and self._fallback_scores_in_one_pass
+        if scored_elsewhere or not self._usable(q):
             return self.fallback.decode(q, batch, ctx)
         geo, c = self.geo, self.cache
         if "flashinfer_decode" not in ctx.masks:
