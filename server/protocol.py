@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from engine.runtime.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from kv_manager.policies import KV_SETTINGS, KVSetting
 
 MAX_STOP_STRINGS = 64  # per request: each is searched for after every token
@@ -58,8 +59,10 @@ class _OpenAISamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Accepted for compatibility; only an empty bias can be honoured.
-    logit_bias: dict[str, float] | None = None
+    # Token id (as a string, OpenAI's form) -> value added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = (
+        None
+    )
     # vLLM's extra sampling fields (the SDK's extra_body).
     top_k: int | None = None
     min_p: float | None = None
@@ -69,6 +72,8 @@ class _OpenAISamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Top-N per prompt token (vLLM's); not with stream, as vLLM.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def _kv_request_field(setting: KVSetting) -> tuple[Any, Any]:
@@ -106,7 +111,7 @@ def _now() -> int:
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
 
 
@@ -117,13 +122,31 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one token's logprob, its rank (1: the most likely) and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, null for the first, else token id
+# -> PromptLogprob for the prompt token and its top-N alternatives.
+PromptLogprobsOut = list[dict[int, PromptLogprob] | None]
+
+
+class CompletionStreamChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     # vLLM's extra: the stop string or token id that ended the text.
     stop_reason: str | int | None = None
+
+
+class CompletionChoice(CompletionStreamChoice):
+    # vLLM's extra, with prompt_logprobs (or echo with logprobs).
+    prompt_logprobs: PromptLogprobsOut | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -140,7 +163,7 @@ class CompletionStreamResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
 
 
@@ -157,7 +180,9 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Any role, as vLLM: the chat template decides what it renders (a role it
+    # refuses is a 400 with the template's message).
+    role: str
     content: str | list[ContentPart] | None = None
 
 
@@ -214,6 +239,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    # vLLM's extra, with prompt_logprobs: the rendered prompt's tokens.
+    prompt_logprobs: PromptLogprobsOut | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -7,7 +7,8 @@ from engine import RequestOutput
 from engine.loading.tokenizer import Tokenizer
 from engine.runtime.outputs import Logprob
 from server.errors import BadRequestError
-from server.params import build_sampling_params, check_model
+from server.logprobs import prompt_logprobs_out
+from server.params import build_sampling_params, check_model, check_prompt_logprobs
 from server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -56,6 +57,7 @@ def _validate(request: ChatCompletionRequest) -> None:
         raise BadRequestError("only response_format type 'text' is supported", "response_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise BadRequestError("top_logprobs needs logprobs set to true", "top_logprobs")
+    check_prompt_logprobs(request)
 
 
 class ChatServer(GenerationServer):
@@ -70,7 +72,9 @@ class ChatServer(GenerationServer):
         _validate(request)
         prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt)
         max_tokens = request.max_completion_tokens or request.max_tokens  # None: to the context
-        params = build_sampling_params(request, max_tokens, _top_n(request))
+        # A stream never shows prompt logprobs: compute them for whole responses only.
+        prompt_logprobs = None if request.stream else request.prompt_logprobs
+        params = build_sampling_params(request, max_tokens, _top_n(request), prompt_logprobs)
         return await self._generate(request, raw, [prompt], params)
 
     def _response(
@@ -97,7 +101,12 @@ class ChatServer(GenerationServer):
                 )
             )
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=usage
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=usage,
+            # The n choices share one prompt: its logprobs are the same in each.
+            prompt_logprobs=prompt_logprobs_out(outputs[0], request.prompt_logprobs),
         )
 
     def _opening(

@@ -5,14 +5,14 @@ from fastapi.responses import Response
 
 from engine import RequestOutput
 from engine.runtime.llm_engine import PromptType
-from engine.runtime.outputs import Logprob
 from server.errors import BadRequestError
-from server.params import build_sampling_params, check_model
+from server.logprobs import completion_logprobs, prompt_logprobs_out
+from server.params import build_sampling_params, check_model, check_prompt_logprobs
 from server.protocol import (
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamChoice,
     CompletionStreamResponse,
     UsageInfo,
 )
@@ -49,14 +49,14 @@ class CompletionServer(GenerationServer):
         check_model(request.model, self.model_name)
         if request.suffix:
             raise BadRequestError("suffix is not supported", "suffix")
-        if request.echo and request.logprobs is not None:
-            # OpenAI gives the prompt's logprobs with echo; the engine computes none.
-            raise BadRequestError("echo with logprobs is not supported", "echo")
         if request.echo and self.tokenizer is None:
             raise BadRequestError("echo needs a tokenizer; this model has none", "echo")
+        check_prompt_logprobs(request)
         prompts = prompt_list(request.prompt)
         max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
-        params = build_sampling_params(request, max_tokens, request.logprobs)
+        params = build_sampling_params(
+            request, max_tokens, request.logprobs, _engine_prompt_logprobs(request)
+        )
         return await self._generate(request, raw, prompts, params)
 
     def _response(
@@ -77,19 +77,30 @@ class CompletionServer(GenerationServer):
         assert self.tokenizer is not None
         return self.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
 
+    def _decode(self, token_id: int) -> str:
+        assert self.tokenizer is not None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def _choice(
         self, request: CompletionRequest, index: int, out: RequestOutput
     ) -> CompletionChoice:
         c = out.outputs[0]
         logprobs = None
         if request.logprobs is not None and c.logprobs is not None:
-            logprobs = completion_logprobs(c.token_ids, c.logprobs, request.logprobs, 0)
+            token_ids, entries = c.token_ids, list(c.logprobs)
+            if request.echo and out.prompt_logprobs is not None:
+                # OpenAI's echo: the prompt's tokens lead, the first with a null logprob.
+                token_ids = out.prompt_token_ids + token_ids
+                entries = out.prompt_logprobs + entries
+            logprobs = completion_logprobs(token_ids, entries, request.logprobs, 0, self._decode)
+        shown = request.logprobs if request.prompt_logprobs is None else request.prompt_logprobs
         return CompletionChoice(
             index=index,
             text=(self._echo(out) if request.echo else "") + c.text,
             logprobs=logprobs,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
+            prompt_logprobs=prompt_logprobs_out(out, shown),
         )
 
     def _stream_state(self, num_choices: int) -> _StreamState:
@@ -102,8 +113,7 @@ class CompletionServer(GenerationServer):
         index, c = delta.index, delta.output.outputs[0]
         if request.echo and index not in state.echoed:
             state.echoed.add(index)
-            echo = CompletionChoice(index=index, text=self._echo(delta.output))
-            events.append(self._chunk(request_id, [echo]))
+            events.append(self._chunk(request_id, [self._echo_choice(request, delta, state)]))
         logprobs = None
         if request.logprobs is not None and c.logprobs is not None and delta.end > delta.start:
             logprobs = completion_logprobs(
@@ -111,10 +121,11 @@ class CompletionServer(GenerationServer):
                 c.logprobs[delta.start : delta.end],
                 request.logprobs,
                 state.offsets[index],
+                self._decode,
             )
             state.offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
         if delta.text or logprobs or c.finish_reason:
-            choice = CompletionChoice(
+            choice = CompletionStreamChoice(
                 index=index,
                 text=delta.text,
                 logprobs=logprobs,
@@ -124,29 +135,24 @@ class CompletionServer(GenerationServer):
             events.append(self._chunk(request_id, [choice]))
         return events
 
+    def _echo_choice(
+        self, request: CompletionRequest, delta: Delta, state: _StreamState
+    ) -> CompletionStreamChoice:
+        """The echoed prompt, once per choice, with its tokens' logprobs when asked."""
+        out, logprobs = delta.output, None
+        if request.logprobs is not None and out.prompt_logprobs is not None:
+            logprobs = completion_logprobs(
+                out.prompt_token_ids, out.prompt_logprobs, request.logprobs, 0, self._decode
+            )
+            state.offsets[delta.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+        return CompletionStreamChoice(index=delta.index, text=self._echo(out), logprobs=logprobs)
 
-def completion_logprobs(
-    token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int, offset: int
-) -> CompletionLogprobs:
-    """The legacy completions logprobs object for these tokens; text offsets start at `offset`.
 
-    `entries` holds, per token, the sampled token and the top-N alternatives.
-    """
-    result = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, entries, strict=False):
-        chosen = entry[token_id]
-        token = chosen.decoded_token or ""
-        result.tokens.append(token)
-        result.token_logprobs.append(chosen.logprob)
-        result.text_offset.append(offset)
-        offset += len(token)
-        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
-        # Like vLLM: the top N plus the sampled token when it ranks lower.
-        result.top_logprobs.append(
-            {
-                lp.decoded_token or "": lp.logprob
-                for tid, lp in ranked
-                if lp.rank <= top_n or tid == token_id
-            }
-        )
-    return result
+def _engine_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """Top-N per prompt token for the engine: what prompt_logprobs asks (not
+    streamed: a stream never shows them), and at least `logprobs` with echo,
+    whose logprobs cover the prompt's tokens too."""
+    n = None if request.stream else request.prompt_logprobs
+    if request.echo and request.logprobs is not None:
+        n = max(n or 0, request.logprobs)
+    return n

@@ -116,7 +116,8 @@ def test_logprobs_top_n(llm):
         ([], GREEDY, "empty"),
         ("word " * 9000, GREEDY, "context"),
         ("Hi", SamplingParams(temperature=0, max_tokens=2000), "exceeds"),
-        ([1, 2, 10**9], GREEDY, "out of range"),
+        ([1, 2, 10**9], GREEDY, r"prompt: token id 1000000000 is out of vocabulary"),
+        ([-4, 2, 10**9, -4], GREEDY, r"prompt: token ids -4, 1000000000 are out of vocabulary"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, prompt, params, message):
@@ -204,7 +205,9 @@ def test_stop_strings_wait_for_min_tokens(llm):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+        ({"stop_token_ids": [10**7]}, "stop_token_ids: token id 10000000 is out of vocabulary"),
+        ({"logit_bias": {49152: 5.0}}, "logit_bias: token id 49152 is out of vocabulary"),
+        ({"logit_bias": {3: 1.0, -1: 5.0}}, "logit_bias: token id -1 is out of vocabulary"),
         ({"kv_policy": "lru"}, "kv_policy"),
         ({"kv_policy": "keyformer", "kv_ratio": 1.5}, "kv_ratio"),
         ({"kv_policy": "h2o", "recent_ratio": -0.1}, "recent_ratio"),
@@ -218,6 +221,45 @@ def test_bad_request_settings_are_named(llm, kwargs, message):
     # own check), a bad token id when the engine sees the vocabulary.
     with pytest.raises(ValueError, match=message):
         llm.generate("Hello", SamplingParams(**kwargs))
+
+
+def test_out_of_vocabulary_names_at_most_ten_ids(llm):
+    with pytest.raises(ValueError, match=r"token ids 50000, .*, 50009 \(and 5 more\) are out"):
+        llm.generate([list(range(50000, 50015))], GREEDY)
+
+
+def test_logit_bias_steers_the_tokens(llm):
+    plain = _text(llm, "The capital of France is", GREEDY)
+    # -100 bans the greedy first token: another comes instead.
+    first = plain.token_ids[0]
+    banned = _text(llm, "The capital of France is", replace(GREEDY, logit_bias={first: -100}))
+    assert banned.token_ids[0] != first
+    assert first not in banned.token_ids
+    # +100 all but forces a token, sampled or greedy.
+    forced_id = llm.get_tokenizer().encode(" banana")[0]
+    for params in (GREEDY, SamplingParams(temperature=1.0, max_tokens=5, seed=3)):
+        forced = _text(
+            llm, "The capital of France is", replace(params, logit_bias={forced_id: 100})
+        )
+        assert set(forced.token_ids) == {forced_id}
+
+
+def test_prompt_logprobs_are_decoded_and_match_generation(llm):
+    tok = llm.get_tokenizer()
+    ids = tok.encode("The capital of France is Paris")
+    out = llm.generate([ids], replace(GREEDY, max_tokens=2, prompt_logprobs=2))[0]
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for token_id, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True):
+        assert token_id in entry and len(entry) in (2, 3)
+        assert all(lp.decoded_token == tok.decode([t]) for t, lp in entry.items())
+    # The prompt's last token's logprob is the one a run that stops before it samples.
+    head = llm.generate([ids[:-1]], replace(GREEDY, max_tokens=1, logprobs=20))[0].outputs[0]
+    assert head.logprobs[0][ids[-1]].logprob == pytest.approx(
+        out.prompt_logprobs[-1][ids[-1]].logprob, abs=1e-4
+    )
+    # n > 1: every completion's request scored the same prompt.
+    n2 = llm.generate([ids], replace(GREEDY, n=2, max_tokens=1, prompt_logprobs=0))[0]
+    assert [e and set(e) for e in n2.prompt_logprobs] == [None] + [{t} for t in ids[1:]]
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,47 @@ def test_penalties_change_the_greedy_choice():
     assert [t.token_id for t in sample(logits, rows)] == [1, 1, 0]
 
 
+# -- logit_bias --------------------------------------------------------------
+
+
+def test_logit_bias_is_added_to_the_logits_before_sampling():
+    logits = torch.tensor([[3.0, 2.5, 0.0], [3.0, 2.5, 0.0], [3.0, 2.5, 0.0]])
+    rows = [
+        make_row(temperature=0.0, logit_bias={0: -1.0}),  # 2.0 < 2.5: token 1
+        make_row(temperature=0.0, logit_bias={0: -0.4}),  # 2.6 > 2.5: still token 0
+        make_row(temperature=0.0, logit_bias={2: 3.1, 1: -100}),  # 3.1 > 3.0: token 2
+    ]
+    assert [t.token_id for t in sample(logits, rows)] == [1, 0, 2]
+
+
+def test_logit_bias_shifts_the_sampled_distribution():
+    # Equal logits; +ln(3) on token 1 makes it three times as likely as token 0.
+    logits = torch.zeros(1, 2)
+    counts = draw(logits, make_row(seed=4, logit_bias={1: math.log(3.0)}), 4000)
+    assert counts[1] / 4000 == pytest.approx(0.75, abs=0.03)
+    # -100 bans: tokens 0 and 1 hold most of the mass, and never come.
+    logits = torch.tensor([[5.0, 5.0, 0.0, 0.0, 0.0]])
+    banned = draw(logits, make_row(seed=5, logit_bias={0: -100, 1: -100}), 300)
+    assert set(banned) == {2, 3, 4}
+
+
+def test_logit_bias_comes_before_the_penalties_and_not_into_the_logprobs():
+    # vLLM's order: bias first, so a repetition penalty divides the biased logit.
+    logits = torch.tensor([[2.0, 3.0, 0.0]])
+    row = make_row(temperature=0.0, prompt=[0], logit_bias={0: 2.5}, repetition_penalty=2.0,
+                   logprobs=1)  # fmt: skip
+    (t,) = sample(logits, [row])
+    assert t.token_id == 1  # (2 + 2.5) / 2 = 2.25 < 3; penalty first: 2 / 2 + 2.5 = 3.5 > 3
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert t.logprob == pytest.approx(float(raw[1]))  # the model's own distribution
+
+
+def test_logit_bias_does_not_reach_other_rows():
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    rows = [make_row(temperature=0.0, logit_bias={1: 5.0}), make_row(temperature=0.0)]
+    assert [t.token_id for t in sample(logits, rows)] == [1, 0]
+
+
 # -- min_tokens --------------------------------------------------------------
 
 

@@ -56,6 +56,9 @@ def test_greedy_below_epsilon(temperature, greedy):
         {"logprobs": MAX_LOGPROBS},
         {"stop_token_ids": [0, 2]},
         {"seed": 0},
+        {"prompt_logprobs": 0},
+        {"prompt_logprobs": MAX_LOGPROBS},
+        {"logit_bias": {0: -100.0, 7: 100, 9: 0.5}},
     ],
 )
 def test_boundary_values_are_accepted(kwargs):
@@ -92,6 +95,14 @@ def test_boundary_values_are_accepted(kwargs):
         ("stop", ""),
         ("stop_token_ids", [-1]),
         ("stop_token_ids", [1, "2"]),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", MAX_LOGPROBS + 1),
+        ("logit_bias", {"5": 1.0}),  # offline keys are ints, as vLLM's
+        ("logit_bias", {True: 1.0}),
+        ("logit_bias", {5: 100.5}),
+        ("logit_bias", {5: -101}),
+        ("logit_bias", {5: math.nan}),
+        ("logit_bias", {5: "1"}),
     ],
 )
 def test_bad_value_raises_naming_the_field(field, value):
@@ -136,3 +147,10 @@ def test_bad_kv_value_raises_naming_the_field(field, value):
     # Refused as the params are built, by KVPolicySettings's own rule.
     with pytest.raises(ValueError, match=rf"^{field} must be "):
         SamplingParams(**{field: value})
+
+
+def test_logit_bias_errors_name_the_token():
+    with pytest.raises(ValueError, match=r"logit_bias value for token 42 must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={42: 250.0})
+    with pytest.raises(ValueError, match="logit_bias key 'x' is not an integer token id"):
+        SamplingParams(logit_bias={"x": 1.0})

@@ -105,4 +105,5 @@ def _merge(
         first.prompt_token_ids,
         completions,
         finished=True,
+        prompt_logprobs=first.prompt_logprobs,
     )

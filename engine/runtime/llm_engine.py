@@ -21,6 +21,7 @@ from engine.runtime.output_processor import (
     process_token,
 )
 from engine.runtime.outputs import RequestOutput
+from engine.runtime.prompt_logprobs import PromptRows, rows_to_score
 from engine.runtime.sampler import SampledToken, sample
 from engine.runtime.sampling_params import SamplingParams
 from kv_manager import KVCacheManager
@@ -29,6 +30,8 @@ from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, Schedu
 
 # Text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 PromptType = str | list[int] | dict
+# Bad token ids named in an error message; the rest are counted.
+MAX_NAMED_IDS = 10
 logger = logging.getLogger(__name__)
 
 
@@ -132,9 +135,8 @@ class LLMEngine:
         params = params or SamplingParams()
         prompt_text, prompt_ids = self._tokenize(prompt)
         max_tokens = self._check_lengths(prompt_ids, params)
-        bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad_stops:
-            raise ValueError(f"stop_token_ids out of range [0, {self.vocab_size}): {bad_stops[:5]}")
+        self._check_vocab("stop_token_ids", params.stop_token_ids)
+        self._check_vocab("logit_bias", list(params.logit_bias or ()))
         kv_settings = self.default_kv_settings.with_overrides(**params.kv_overrides())
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -167,12 +169,27 @@ class LLMEngine:
             text: str | None = prompt
         else:
             ids, text = list(prompt), None
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            self._check_vocab("prompt", ids)
         if not ids:
             raise ValueError("prompt is empty: it must contain at least one token")
         return text, ids
+
+    def _check_vocab(self, field: str, token_ids: list[int]) -> None:
+        """A ValueError naming `field` and its ids outside the vocabulary, in
+        vLLM's words ("out of vocabulary"), which clients match on."""
+        bad = list(dict.fromkeys(t for t in token_ids if not 0 <= t < self.vocab_size))
+        if not bad:
+            return
+        shown = ", ".join(str(t) for t in bad[:MAX_NAMED_IDS])
+        more = f" (and {len(bad) - MAX_NAMED_IDS} more)" if len(bad) > MAX_NAMED_IDS else ""
+        noun = "token id" if len(bad) == 1 else "token ids"
+        verb = "is" if len(bad) == 1 else "are"
+        raise ValueError(
+            f"{field}: {noun} {shown}{more} {verb} out of vocabulary "
+            f"(the model has {self.vocab_size} tokens, ids 0 to {self.vocab_size - 1})"
+        )
 
     def _check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> int:
         n = len(prompt_ids)
@@ -209,10 +226,14 @@ class LLMEngine:
             return []
         self.peak_running = max(self.peak_running, self.scheduler.num_running)
         self.peak_kv_blocks_used = max(self.peak_kv_blocks_used, self.kv.num_used_blocks)
-        logits = self.runner.execute(sched.chunks, self.kv.block_table, self._score_specs(sched))
+        ran = self.runner.execute(
+            sched.chunks, self.kv.block_table, self._score_specs(sched), self._prompt_rows(sched)
+        )
+        for request_id, entries in ran.prompt_logprobs.items():
+            self._states[request_id].prompt_logprobs.extend(entries)
         sampling = [c.request for c in sched.chunks if c.samples]
         rows = [self._states[r.request_id].sampling_row(r) for r in sampling]
-        tokens = sample(logits, rows)
+        tokens = sample(ran.logits, rows)
         by_id = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
         updated = self.scheduler.update_from_output(
             sched, {rid: t.token_id for rid, t in by_id.items()}
@@ -234,6 +255,25 @@ class LLMEngine:
             if spec is not None:
                 specs[chunk.request_id] = spec
         return specs
+
+    def _prompt_rows(self, sched: SchedulerOutput) -> dict[str, PromptRows]:
+        """The prompt rows to score this step, for requests that asked for
+        prompt logprobs; rows scored before a preemption are not again."""
+        wanted = {}
+        for chunk in sched.chunks:
+            state = self._states[chunk.request_id]
+            if state.prompt_logprobs is None:
+                continue
+            rows = rows_to_score(
+                chunk.start,
+                chunk.end,
+                chunk.request.num_prompt_tokens,
+                len(state.prompt_logprobs),
+                state.params.prompt_logprobs,
+            )
+            if rows is not None:
+                wanted[chunk.request_id] = rows
+        return wanted
 
     def _process(self, request: Request, sampled: SampledToken) -> RequestOutput:
         """Stop checks and detokenizing for a request's new token; its output."""

@@ -1,6 +1,7 @@
 """Batch to tensors, one forward pass, logits out; owns the KV cache tensors."""
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -9,9 +10,32 @@ from engine.attention.scoring import ScoreSpec, tau_schedule
 from engine.models import CausalLM
 from engine.runtime.decode_graphs import DecodeGraphRunner
 from engine.runtime.kv_cache import PagedKVCache, slot_index, slot_of
+from engine.runtime.outputs import Logprob
+from engine.runtime.prompt_logprobs import PromptRows, score_rows
 from scheduler import ScheduledChunk
 
 BlockTableFn = Callable[[str], list[int]]
+
+
+@dataclass
+class RunnerOutput:
+    """One step's results: logits of the rows that sample, and the prompt
+    logprobs of the rows that were asked for."""
+
+    # float32 [N, vocab]: the chunks that sample, in their order in the batch.
+    logits: torch.Tensor
+    # Request id -> one entry per row of its PromptRows, in order.
+    prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)
+
+
+@dataclass
+class _PromptSelection:
+    """Where a request's wanted prompt rows sit in the flat batch, and the
+    prompt tokens they score."""
+
+    rows: list[int]
+    targets: list[int]
+    top_n: int
 
 
 class ModelRunner:
@@ -47,16 +71,48 @@ class ModelRunner:
         chunks: list[ScheduledChunk],
         block_table: BlockTableFn,
         score_specs: dict[str, ScoreSpec] | None = None,
-    ) -> torch.Tensor:
+        prompt_rows: dict[str, PromptRows] | None = None,
+    ) -> RunnerOutput:
         """Run the chunks; returns float32 logits [N, vocab] for the chunks that
         sample, in their order in `chunks`. Requests in `score_specs` also add
-        this step's eviction scores to their slots."""
+        this step's eviction scores to their slots; requests in `prompt_rows`
+        get those prompt rows' logprobs (only they: other rows never become logits)."""
         input_ids, ctx, sample_rows = self._prepare(chunks, block_table, score_specs or {})
         if self.graphs is not None and self.graphs.applies(ctx):
             hidden = self.graphs.run(input_ids, ctx)
         else:
             hidden = self.model(input_ids, ctx.positions, ctx)
-        return self.model.compute_logits(hidden[sample_rows])
+        # The sampled rows alone, as ever: asking for prompt rows leaves the
+        # sampled logits (and so greedy tokens) exactly as they were.
+        out = RunnerOutput(self.model.compute_logits(hidden[sample_rows]))
+        for request_id, sel in self._select_prompt_rows(chunks, prompt_rows or {}).items():
+            rows = torch.tensor(sel.rows, dtype=torch.long, device=self.device)
+            out.prompt_logprobs[request_id] = score_rows(
+                self.model.compute_logits, hidden[rows], sel.targets, sel.top_n
+            )
+        return out
+
+    @staticmethod
+    def _select_prompt_rows(
+        chunks: list[ScheduledChunk], wanted: dict[str, PromptRows]
+    ) -> dict[str, _PromptSelection]:
+        """The flat-batch rows of each wanted prompt span. Rows follow
+        `_prepare`'s order: decodes first, then the prefill chunks in order."""
+        selected: dict[str, _PromptSelection] = {}
+        row = 0
+        for chunk in (chunks[i] for i in _batch_order(chunks)):
+            span = wanted.get(chunk.request_id)
+            if span is not None:
+                assert chunk.start <= span.start and span.end <= chunk.end, (chunk, span)
+                first = row + span.start - chunk.start
+                prompt = chunk.request.prompt_token_ids
+                selected[chunk.request_id] = _PromptSelection(
+                    list(range(first, first + span.end - span.start)),
+                    prompt[span.start + 1 : span.end + 1],
+                    span.top_n,
+                )
+            row += chunk.num_tokens
+        return selected
 
     def _prepare(
         self,
@@ -71,10 +127,7 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         decodes: list[tuple[ScheduledChunk, list[int]]] = []
         last_row: dict[int, int] = {}  # chunk index -> its last token's row
-        # Decodes first: their rows are then one leading slice of the batch,
-        # which attention reads and writes without a gather or a scatter.
-        order = sorted(range(len(chunks)), key=lambda i: not _is_decode(chunks[i]))
-        for i in order:
+        for i in _batch_order(chunks):
             chunk = chunks[i]
             row = len(input_ids)
             blocks = block_table(chunk.request_id)
@@ -178,6 +231,13 @@ class ModelRunner:
             block_tables=tables,
             key_slots=slot_index(tables, self.block_size).flatten(),
         )
+
+
+def _batch_order(chunks: list[ScheduledChunk]) -> list[int]:
+    """The chunks' order in the flat batch: decodes first (their rows are
+    then one leading slice, which attention reads and writes without a gather
+    or a scatter), then the prefill chunks, each group in scheduled order."""
+    return sorted(range(len(chunks)), key=lambda i: not _is_decode(chunks[i]))
 
 
 def _is_decode(chunk: ScheduledChunk) -> bool:

@@ -6,7 +6,13 @@ import torch
 
 from engine.loading.tokenizer import Tokenizer
 from engine.runtime.detokenizer import IncrementalDetokenizer, find_stop
-from engine.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.runtime.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from engine.runtime.sampler import SampledToken, SamplingRow
 from engine.runtime.sampling_params import SamplingParams
 from scheduler import Request, RequestStatus
@@ -25,6 +31,12 @@ class RequestState:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     stop_reason: str | int | None = None
+    # With params.prompt_logprobs: filled while the prompt runs, complete
+    # (and no longer written) by the time its first token is sampled.
+    prompt_logprobs: PromptLogprobs | None = None
+    # Prompt entries whose tokens are decoded (decoding waits for the first
+    # token, so that a failure there fails this request alone).
+    prompt_decoded: int = 0
     # Characters held back from streaming while they could start a stop string.
     holdback: int = field(init=False)
 
@@ -33,6 +45,8 @@ class RequestState:
         self.holdback = max((len(s) for s in stops), default=1) - 1
         if self.params.logprobs is not None:
             self.logprobs, self.cumulative_logprob = [], 0.0
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first token has nothing before it
 
     def sampling_row(self, request: Request) -> SamplingRow:
         return SamplingRow(
@@ -48,6 +62,7 @@ def process_token(request: Request, state: RequestState, sampled: SampledToken) 
     """Account for the token just appended to `request`; returns its new status
     (RUNNING, or a finished state)."""
     token = sampled.token_id
+    _decode_prompt_logprobs(state)
     if state.logprobs is not None and sampled.top_logprobs is not None:
         _decode_logprobs(state, sampled.top_logprobs)
         state.logprobs.append(sampled.top_logprobs)
@@ -90,6 +105,15 @@ def _decode_logprobs(state: RequestState, top: dict[int, Logprob]) -> None:
         lp.decoded_token = tok.decode([token_id], skip_special_tokens=False)
 
 
+def _decode_prompt_logprobs(state: RequestState) -> None:
+    if state.prompt_logprobs is None:
+        return
+    for entry in state.prompt_logprobs[state.prompt_decoded :]:
+        if entry is not None:
+            _decode_logprobs(state, entry)
+    state.prompt_decoded = len(state.prompt_logprobs)
+
+
 def make_output(request: Request, state: RequestState) -> RequestOutput:
     status = request.status
     finished = status.is_finished
@@ -115,7 +139,14 @@ def make_output(request: Request, state: RequestState) -> RequestOutput:
         request.finished_time,
     )
     return RequestOutput(
-        request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics
+        request.request_id,
+        state.prompt,
+        request.prompt_token_ids,
+        [completion],
+        finished,
+        metrics,
+        # Not copied: complete and never written again once a token is out.
+        prompt_logprobs=state.prompt_logprobs,
     )
 
 

@@ -13,6 +13,9 @@ class Logprob:
 # One dict per generated token: token id -> its Logprob (the sampled token
 # plus the top-N alternatives).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token, as vLLM's: None for the first (nothing precedes
+# it), then the token's own Logprob plus the top-N alternatives.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -59,3 +62,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # With SamplingParams(prompt_logprobs=N); None otherwise.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -36,6 +36,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = logits.clone()
     for i, row in enumerate(rows):
+        # The bias before the penalties, in vLLM's order; the logprobs above
+        # are the model's own, before either.
+        _apply_logit_bias(logits[i], row.params.logit_bias)
         _apply_penalties(logits[i], row)
         if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
             # NOTE: stop_token_ids are not checked against the vocabulary; an id
@@ -49,6 +52,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         _with_logprobs(t, row, raw_logprobs, i)
         for i, (t, row) in enumerate(zip(token_ids, rows, strict=True))
     ]
+
+
+def _apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> None:
+    if not bias:
+        return
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    logits.index_add_(0, ids, values)
 
 
 def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:

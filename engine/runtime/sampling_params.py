@@ -1,5 +1,6 @@
 """Per-request sampling settings, named and validated as vLLM's are."""
 
+import math
 from dataclasses import dataclass, field
 
 from kv_manager.policies import KVPolicyOverrides
@@ -7,6 +8,8 @@ from kv_manager.policies import KVPolicyOverrides
 # Below this a temperature means greedy decoding.
 GREEDY_EPSILON = 1e-5
 MAX_LOGPROBS = 20
+# OpenAI's range for a logit bias: -100 bans a token, 100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -31,6 +34,11 @@ class SamplingParams(KVPolicyOverrides):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N alternatives per generated token
+    # Top-N alternatives per prompt token (vLLM's): each prompt token's own
+    # logprob too; the first token has none.
+    prompt_logprobs: int | None = None
+    # Token id -> value added to its logit before sampling (vLLM's, OpenAI's).
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -41,7 +49,9 @@ class SamplingParams(KVPolicyOverrides):
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         self._validate()
+        self._validate_logit_bias()
 
     def _validate(self) -> None:
         checks = [
@@ -65,6 +75,11 @@ class SamplingParams(KVPolicyOverrides):
                 "logprobs",
                 f"must be between 0 and {MAX_LOGPROBS}",
             ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
+                f"must be between 0 and {MAX_LOGPROBS}",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
@@ -75,6 +90,24 @@ class SamplingParams(KVPolicyOverrides):
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def _validate_logit_bias(self) -> None:
+        """Keys are token ids (ints; the engine checks them against its
+        vocabulary), values finite and within [-100, 100]."""
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                raise ValueError(f"logit_bias key {token_id!r} is not an integer token id")
+            if (
+                isinstance(bias, bool)
+                or not isinstance(bias, int | float)
+                or not math.isfinite(bias)
+            ):
+                raise ValueError(f"logit_bias value for token {token_id} must be a number")
+            if abs(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"logit_bias value for token {token_id} must be in "
+                    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"
+                )
 
     @property
     def greedy(self) -> bool:
