@@ -26,7 +26,7 @@ from server.streaming import (
     DONE,
     AbortingStreamingResponse,
     Deltas,
-    collect_or_abort,
+    cancel_on_disconnect,
     raise_if_failed,
     sse,
     sse_error,
@@ -57,9 +57,11 @@ class GenerationServer:
     async def create(self, request: Any, raw: Request) -> Response:
         """The response, or an OpenAI error object: a client's mistake is a 4xx body."""
         try:
-            return await self._create(request, raw)
+            response = await cancel_on_disconnect(raw, self._create(request, raw))
         except APIError as e:
             return error_response(e)
+        # None: the client left first, and its requests were aborted.
+        return Response(status_code=499) if response is None else response
 
     async def _create(self, request: Any, raw: Request) -> Response:
         raise NotImplementedError
@@ -75,9 +77,12 @@ class GenerationServer:
             raise bad_request_from(e, self.fields, self.aliases) from e
         if request.stream:
             return AbortingStreamingResponse(self._stream(request, request_id, group), group.abort)
-        outputs = await collect_or_abort(raw, group)
-        if outputs is None:
-            return Response(status_code=499)  # nobody is listening
+        try:
+            outputs = await group.final()
+        finally:
+            # Cancelled (the client left: cancel_on_disconnect) or failed:
+            # abort what is still generating, so its blocks are freed now.
+            group.abort()
         for out in outputs:
             raise_if_failed(out)
         body = self._response(request, request_id, outputs, usage_of(outputs, request.n))
