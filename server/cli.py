@@ -92,7 +92,6 @@ def _serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(config)
     settings = ServerSettings(
         model_name=serve.served_model_name or config.model or DEFAULT_MODEL_NAME,
-        model_root=str(engine.model_path),
         api_key=args.api_key,
         max_request_bytes=serve.max_request_bytes,
         allowed_origins=serve.allowed_origins or None,

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from live_server import MODEL_NAME
 from starlette.requests import Request
@@ -173,6 +174,16 @@ def test_cors_only_for_the_configured_origins(live_server):
         assert "access-control-allow-origin" not in other.headers
 
     _call(app, check)
+
+
+def test_the_model_list_names_no_path(live_server):
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+    listed = client.models.with_raw_response.list()
+    (card,) = listed.parse().data
+    assert (card.id, card.root) == (MODEL_NAME, MODEL_NAME)
+    assert card.max_model_len == live_server.engine.max_model_len
+    model_path = live_server.engine.model_path
+    assert model_path.exists() and str(model_path) not in listed.text
 
 
 def test_limits_are_in_the_config(tmp_path):
