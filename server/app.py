@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from engine import LLMEngine
 from engine.loading.tokenizer import Tokenizer, load_tokenizer
 from server.async_engine import AsyncEngine
-from server.errors import install_error_handlers
+from server.errors import check_api_key_setting, install_error_handlers
 from server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from server.metrics import ServerMetrics
 from server.routes import (
@@ -33,6 +33,9 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Origins allowed cross-origin (CORS); None: no CORS headers at all.
     allowed_origins: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_api_key_setting(self.api_key)
 
 
 def create_app(

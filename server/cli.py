@@ -85,7 +85,9 @@ def _serve(args: argparse.Namespace) -> int:
     from engine import LLMEngine
     from server.app import ServerSettings, create_app
     from server.drain import DrainingServer
+    from server.errors import check_api_key_setting
 
+    check_api_key_setting(args.api_key)  # before the minutes a model may take to load
     serve = server_config(args)
     logging.basicConfig(level=serve.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = serve_config(args)
@@ -178,7 +180,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--api-key",
         default=os.environ.get("KEYSERVE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $KEYSERVE_API_KEY; unset: no auth)",
+        help="require 'Authorization: Bearer KEY' (default: $KEYSERVE_API_KEY; unset: no auth; "
+        "empty: refused)",
     )
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", help="auto, cpu or cuda[:N]")

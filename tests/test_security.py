@@ -15,7 +15,7 @@ from live_server import MODEL_NAME
 from starlette.requests import Request
 
 from server import ServerSettings, build_app
-from server.cli import build_parser, serve_config, server_config
+from server.cli import build_parser, main, serve_config, server_config
 from server.errors import AuthenticationError, check_api_key
 from server.limits import DEFAULT_MAX_REQUEST_BYTES
 
@@ -98,6 +98,22 @@ def test_the_key_check_accepts_the_key_and_nothing_else():
         assert not _accepts(header), what
     # No key configured: no auth at all.
     assert _accepts(None, api_key=None) and _accepts("Bearer anything", api_key=None)
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_key_is_refused_at_start(monkeypatch, capsys, key):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the key was checked")
+
+    monkeypatch.setattr("engine.LLMEngine", must_not_load)
+    assert main(["serve", "--api-key", key]) == 2
+    assert "API key (--api-key or $KEYSERVE_API_KEY) is empty" in capsys.readouterr().err
+    monkeypatch.setenv("KEYSERVE_API_KEY", key)  # the flag's default when the parser is built
+    assert main(["serve"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    # Nor by any other way in: the app never holds a key that "Bearer " would match.
+    with pytest.raises(ValueError, match="is empty"):
+        ServerSettings(MODEL_NAME, api_key=key)
 
 
 def test_the_key_is_compared_in_constant_time(monkeypatch):
