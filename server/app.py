@@ -11,7 +11,7 @@ from engine import LLMEngine
 from engine.loading.tokenizer import Tokenizer, load_tokenizer
 from server.async_engine import AsyncEngine
 from server.errors import check_api_key_setting, install_error_handlers
-from server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING, BodySizeLimit
 from server.metrics import ServerMetrics
 from server.routes import (
     about_routes,
@@ -39,7 +39,7 @@ class ServerSettings:
 
 
 def create_app(
-    engine: LLMEngine, settings: ServerSettings, max_waiting: int | None = None
+    engine: LLMEngine, settings: ServerSettings, max_waiting: int | None = DEFAULT_MAX_WAITING
 ) -> FastAPI:
     """An app serving `engine` (already loaded); the engine thread starts with the app."""
     async_engine = AsyncEngine(engine, ServerMetrics(settings.model_name), max_waiting)

@@ -10,6 +10,7 @@ from typing import Any
 from engine.config import EngineConfig
 from kv_manager.policies import KV_POLICY_FIELDS, KV_SETTINGS, KVSetting
 from server.config import LOG_LEVELS, ServeConfig
+from server.limits import DEFAULT_MAX_WAITING
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name for clients
 _KV_DEFAULTS = {s.name: s.default for s in KV_SETTINGS}
@@ -162,6 +163,33 @@ def _add_kv_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """What clients may ask of the server: queue, body size, origins, drain time."""
+    serve.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        help="sequences (prompts x n) allowed to wait for admission; past it, 503 "
+        f"(default {DEFAULT_MAX_WAITING})",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        help="larger request bodies get 413 (default 1 MiB)",
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="origins allowed cross-origin requests (CORS), e.g. https://app.example; "
+        "default: none, no CORS headers",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="on SIGTERM, seconds to let running requests finish (default 30)",
+    )
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
@@ -197,28 +225,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run decode steps eagerly, without CUDA graphs",
     )
-    serve.add_argument(
-        "--max-waiting",
-        type=_positive_int,
-        help="requests allowed to wait for admission; past it, 503 (default: no limit)",
-    )
-    serve.add_argument(
-        "--max-request-bytes",
-        type=_positive_int,
-        help="larger request bodies get 413 (default 1 MiB)",
-    )
-    serve.add_argument(
-        "--allowed-origins",
-        nargs="+",
-        metavar="ORIGIN",
-        help="origins allowed cross-origin requests (CORS), e.g. https://app.example; "
-        "default: none, no CORS headers",
-    )
-    serve.add_argument(
-        "--drain-timeout",
-        type=float,
-        help="on SIGTERM, seconds to let running requests finish (default 30)",
-    )
+    _add_limit_flags(serve)
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     _add_kv_flags(serve)
     serve.set_defaults(func=_serve)

@@ -19,7 +19,8 @@ from engine.loading.tokenizer import Tokenizer
 from engine.runtime.llm_engine import PromptType
 from engine.runtime.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, RequestGroup
-from server.errors import APIError, bad_request_from, error_response
+from server.errors import APIError, BadRequestError, bad_request_from, error_response
+from server.limits import MAX_SEQUENCES_PER_REQUEST
 from server.params import fan_out, usage_of
 from server.protocol import UsageInfo
 from server.streaming import (
@@ -31,6 +32,18 @@ from server.streaming import (
     sse,
     sse_error,
 )
+
+
+def _check_sequences(num_prompts: int, n: int) -> None:
+    """A 400 for a call that would add more than MAX_SEQUENCES_PER_REQUEST
+    sequences, before any is built: no retry could ever queue it."""
+    count = num_prompts * n
+    if count > MAX_SEQUENCES_PER_REQUEST:
+        raise BadRequestError(
+            f"this request asks for {count} sequences ({num_prompts} prompts x n={n}); "
+            f"at most {MAX_SEQUENCES_PER_REQUEST} per request",
+            "n" if n > 1 else "prompt",
+        )
 
 
 class Delta:
@@ -70,6 +83,7 @@ class GenerationServer:
         self, request: Any, raw: Request, prompts: Sequence[PromptType], params: SamplingParams
     ) -> Response:
         """Submit `prompts` (request.n choices each) and answer, streamed or whole."""
+        _check_sequences(len(prompts), request.n)
         request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         try:
             group = await self.engine.add(fan_out(request_id, prompts, params, request.n))

@@ -11,13 +11,17 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from live_server import MODEL_NAME
+from live_server import MODEL_NAME, wait_pool_whole
 from starlette.requests import Request
 
-from server import ServerSettings, build_app
+from server import ServerSettings, build_app, create_app
 from server.cli import build_parser, main, serve_config, server_config
 from server.errors import AuthenticationError, check_api_key
-from server.limits import DEFAULT_MAX_REQUEST_BYTES
+from server.limits import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_WAITING,
+    MAX_SEQUENCES_PER_REQUEST,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-keyserve-Zq8Lw3Xv9Tn2"
@@ -205,7 +209,7 @@ def test_the_model_list_names_no_path(live_server):
 def test_limits_are_in_the_config(tmp_path):
     serve = server_config(build_parser().parse_args(["serve"]))
     assert serve.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
-    assert (serve.allowed_origins, serve.max_waiting) == (None, None)
+    assert (serve.allowed_origins, serve.max_waiting) == (None, DEFAULT_MAX_WAITING)
     args = build_parser().parse_args(
         ["serve", "--max-request-bytes", "4096", "--max-waiting", "8", "--max-num-seqs", "4"]
         + ["--allowed-origins", "https://a.example", "https://b.example"]
@@ -227,6 +231,31 @@ def test_limits_are_in_the_config(tmp_path):
     assert (serve.max_request_bytes, serve.max_waiting) == (2048, 2)
     assert serve.allowed_origins == ["https://a.example"]
     assert serve_config(args).max_num_seqs == 4
+
+
+def test_the_queue_is_bounded_by_default(live_server):
+    assert DEFAULT_MAX_WAITING == 1024
+    app = create_app(live_server.engine, ServerSettings(MODEL_NAME))  # not started
+    assert app.state.engine.max_waiting == DEFAULT_MAX_WAITING
+
+
+def test_one_request_adds_at_most_256_sequences(live_server):
+    assert MAX_SEQUENCES_PER_REQUEST == 256
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+    # Ten thousand one-token prompts (a 1 MiB body holds ten times more).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=[[1]] * 10_000, max_tokens=1)
+    assert e.value.param == "prompt" and "10000 sequences" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=["a", "b", "c"], n=128, max_tokens=1)
+    assert e.value.param == "n" and "384 sequences (3 prompts x n=128)" in e.value.message
+    # Right at the limit it is served, every choice.
+    out = client.completions.create(
+        model=MODEL_NAME, prompt=[[1, 2], [3, 4]], n=128, max_tokens=1, temperature=0
+    )
+    assert sorted(c.index for c in out.choices) == list(range(256))
+    assert out.usage.completion_tokens == 256
+    wait_pool_whole(live_server)
 
 
 def _package_sources():
