@@ -2,7 +2,7 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -10,8 +10,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from engine import LLMEngine
 from engine.loading.tokenizer import Tokenizer, load_tokenizer
 from server.async_engine import AsyncEngine
-from server.errors import install_error_handlers
-from server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from server.errors import check_api_key_setting, install_error_handlers
+from server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING, BodySizeLimit
 from server.metrics import ServerMetrics
 from server.routes import (
     about_routes,
@@ -28,20 +28,20 @@ from server.serving_completions import CompletionServer
 @dataclass
 class ServerSettings:
     model_name: str  # what clients put in "model"
-    model_root: str | None = None  # where the weights came from (shown by /v1/models)
     api_key: str | None = None  # None: no auth
     # Bodies past this are refused with 413 before any parsing.
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Origins allowed cross-origin (CORS); None: no CORS headers at all.
     allowed_origins: list[str] | None = None
 
+    def __post_init__(self) -> None:
+        check_api_key_setting(self.api_key)
+
 
 def create_app(
-    engine: LLMEngine, settings: ServerSettings, max_waiting: int | None = None
+    engine: LLMEngine, settings: ServerSettings, max_waiting: int | None = DEFAULT_MAX_WAITING
 ) -> FastAPI:
     """An app serving `engine` (already loaded); the engine thread starts with the app."""
-    if settings.model_root is None:
-        settings = replace(settings, model_root=str(engine.model_path))
     async_engine = AsyncEngine(engine, ServerMetrics(settings.model_name), max_waiting)
     # The server gets its own tokenizer: Hugging Face fast tokenizers must not
     # be used from two threads at once, and the engine thread uses its own.
@@ -103,7 +103,7 @@ def _include_routes(
     # too: they tell an attacker what runs here); probes and Prometheus do not.
     needs_key = [Depends(api_key_check(settings.api_key))]
     client_routers = (
-        openai_routes(completions, chat, name, settings.model_root, max_model_len),
+        openai_routes(completions, chat, name, max_model_len),
         tokenizer_routes(tokenizer, name, max_model_len),
         about_routes(app),
     )

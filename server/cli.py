@@ -10,6 +10,7 @@ from typing import Any
 from engine.config import EngineConfig
 from kv_manager.policies import KV_POLICY_FIELDS, KV_SETTINGS, KVSetting
 from server.config import LOG_LEVELS, ServeConfig
+from server.limits import DEFAULT_MAX_WAITING
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name for clients
 _KV_DEFAULTS = {s.name: s.default for s in KV_SETTINGS}
@@ -85,14 +86,15 @@ def _serve(args: argparse.Namespace) -> int:
     from engine import LLMEngine
     from server.app import ServerSettings, create_app
     from server.drain import DrainingServer
+    from server.errors import check_api_key_setting
 
+    check_api_key_setting(args.api_key)  # before the minutes a model may take to load
     serve = server_config(args)
     logging.basicConfig(level=serve.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = serve_config(args)
     engine = LLMEngine(config)
     settings = ServerSettings(
         model_name=serve.served_model_name or config.model or DEFAULT_MODEL_NAME,
-        model_root=str(engine.model_path),
         api_key=args.api_key,
         max_request_bytes=serve.max_request_bytes,
         allowed_origins=serve.allowed_origins or None,
@@ -161,44 +163,13 @@ def _add_kv_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser(
-        "serve",
-        help="run the OpenAI-compatible HTTP server",
-        description="Serve /v1/completions and /v1/chat/completions. With no flags: the "
-        f"embedded SmolLM2-135M-Instruct, kv_policy {_KV_DEFAULTS['kv_policy']} at kv_ratio "
-        f"{_KV_DEFAULTS['kv_ratio']}, on 127.0.0.1:8000. Flags override the --config file, "
-        "which overrides those defaults.",
-    )
-    serve.add_argument("--config", help="YAML config (see configs/default.yaml)")
-    serve.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M)")
-    serve.add_argument("--served-model-name", help="the model name clients send")
-    # Flags with no default here take theirs from --config, then from ServeConfig.
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
-    serve.add_argument("--port", type=int, help="default 8000")
-    serve.add_argument(
-        "--api-key",
-        default=os.environ.get("KEYSERVE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $KEYSERVE_API_KEY; unset: no auth)",
-    )
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--device", help="auto, cpu or cuda[:N]")
-    pool = serve.add_mutually_exclusive_group()
-    pool.add_argument("--kv-cache-bytes", help="KV pool size, e.g. 512MiB, 2GB")
-    pool.add_argument("--kv-cache-blocks", type=_positive_int, help="KV pool size in blocks")
-    serve.add_argument("--block-size", type=_positive_int)
-    serve.add_argument("--max-model-len", type=_positive_int)
-    serve.add_argument("--max-num-seqs", type=_positive_int)
-    serve.add_argument("--max-num-batched-tokens", type=_positive_int)
-    serve.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="run decode steps eagerly, without CUDA graphs",
-    )
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """What clients may ask of the server: queue, body size, origins, drain time."""
     serve.add_argument(
         "--max-waiting",
         type=_positive_int,
-        help="requests allowed to wait for admission; past it, 503 (default: no limit)",
+        help="sequences (prompts x n) allowed to wait for admission; past it, 503 "
+        f"(default {DEFAULT_MAX_WAITING})",
     )
     serve.add_argument(
         "--max-request-bytes",
@@ -217,6 +188,44 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="on SIGTERM, seconds to let running requests finish (default 30)",
     )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve /v1/completions and /v1/chat/completions. With no flags: the "
+        f"embedded SmolLM2-135M-Instruct, kv_policy {_KV_DEFAULTS['kv_policy']} at kv_ratio "
+        f"{_KV_DEFAULTS['kv_ratio']}, on 127.0.0.1:8000. Flags override the --config file, "
+        "which overrides those defaults.",
+    )
+    serve.add_argument("--config", help="YAML config (see configs/default.yaml)")
+    serve.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M)")
+    serve.add_argument("--served-model-name", help="the model name clients send")
+    # Flags with no default here take theirs from --config, then from ServeConfig.
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("KEYSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $KEYSERVE_API_KEY; unset: no auth; "
+        "empty: refused)",
+    )
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--device", help="auto, cpu or cuda[:N]")
+    pool = serve.add_mutually_exclusive_group()
+    pool.add_argument("--kv-cache-bytes", help="KV pool size, e.g. 512MiB, 2GB")
+    pool.add_argument("--kv-cache-blocks", type=_positive_int, help="KV pool size in blocks")
+    serve.add_argument("--block-size", type=_positive_int)
+    serve.add_argument("--max-model-len", type=_positive_int)
+    serve.add_argument("--max-num-seqs", type=_positive_int)
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int)
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly, without CUDA graphs",
+    )
+    _add_limit_flags(serve)
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     _add_kv_flags(serve)
     serve.set_defaults(func=_serve)

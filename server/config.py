@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from engine.config import from_section
-from server.limits import DEFAULT_MAX_REQUEST_BYTES
+from server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -25,7 +25,7 @@ class ServeConfig:
     port: int = 8000
     served_model_name: str | None = None  # None: the model's own name
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
-    max_waiting: int | None = None  # requests waiting for admission; past it 503
+    max_waiting: int = DEFAULT_MAX_WAITING  # sequences waiting for admission; past it 503
     allowed_origins: list[str] | None = field(default=None)  # CORS; None: no CORS headers
     drain_timeout: float = 30.0  # seconds running requests get on SIGTERM
     log_level: str = "info"
@@ -35,8 +35,8 @@ class ServeConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise ValueError(f"max_waiting must be positive, got {self.max_waiting}")
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be a positive integer, got {self.max_waiting!r}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be at least 0, got {self.drain_timeout}")
         if self.log_level not in LOG_LEVELS:

@@ -111,6 +111,17 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
+def check_api_key_setting(api_key: str | None) -> None:
+    """Refuse an empty or blank key where it is configured. "" would accept
+    the empty bearer token, a blank key no token at all: most likely a secret
+    that came out empty, and the server would run open, or shut to everyone."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError(
+            "the API key (--api-key or $KEYSERVE_API_KEY) is empty: give a key, "
+            "or unset it to serve without one"
+        )
+
+
 def check_api_key(request: Request, api_key: str | None) -> None:
     """Raise AuthenticationError unless the request carries `api_key` as a bearer token."""
     if api_key is None:

@@ -10,6 +10,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import RequestTooLargeError, error_response
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: far above any prompt the context can hold
+# Sequences (engine requests) waiting for admission; past it a 503 with
+# Retry-After. Unbounded, a burst would queue work no client waits for that
+# long, and each waiting prompt holds host memory: 16 batches of the default
+# max_num_seqs (64) is already a long wait.
+DEFAULT_MAX_WAITING = 1024
+# Sequences one API call may add (prompts x n): past it a 400. A 1 MiB body
+# holds some 100,000 token-id prompts, and n goes to 128 (OpenAI's bound);
+# unbounded, one call could fill the queue by itself, and fanning it out
+# would stall the event loop first.
+MAX_SEQUENCES_PER_REQUEST = 256
 
 
 class BodySizeLimit:

@@ -56,7 +56,6 @@ def openai_routes(
     completions: CompletionServer,
     chat: ChatServer,
     model_name: str,
-    model_root: str | None,
     max_model_len: int,
 ) -> APIRouter:
     """/v1/completions, /v1/chat/completions and /v1/models, as OpenAI's API has them."""
@@ -72,7 +71,9 @@ def openai_routes(
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:
-        card = ModelCard(id=model_name, root=model_root, max_model_len=max_model_len)
+        # root is the served name too: where the weights lie on this machine
+        # is none of a client's business.
+        card = ModelCard(id=model_name, root=model_name, max_model_len=max_model_len)
         return ModelList(data=[card])
 
     return router

@@ -19,18 +19,31 @@ from engine.loading.tokenizer import Tokenizer
 from engine.runtime.llm_engine import PromptType
 from engine.runtime.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, RequestGroup
-from server.errors import APIError, bad_request_from, error_response
+from server.errors import APIError, BadRequestError, bad_request_from, error_response
+from server.limits import MAX_SEQUENCES_PER_REQUEST
 from server.params import fan_out, usage_of
 from server.protocol import UsageInfo
 from server.streaming import (
     DONE,
     AbortingStreamingResponse,
     Deltas,
-    collect_or_abort,
+    cancel_on_disconnect,
     raise_if_failed,
     sse,
     sse_error,
 )
+
+
+def _check_sequences(num_prompts: int, n: int) -> None:
+    """A 400 for a call that would add more than MAX_SEQUENCES_PER_REQUEST
+    sequences, before any is built: no retry could ever queue it."""
+    count = num_prompts * n
+    if count > MAX_SEQUENCES_PER_REQUEST:
+        raise BadRequestError(
+            f"this request asks for {count} sequences ({num_prompts} prompts x n={n}); "
+            f"at most {MAX_SEQUENCES_PER_REQUEST} per request",
+            "n" if n > 1 else "prompt",
+        )
 
 
 class Delta:
@@ -57,9 +70,11 @@ class GenerationServer:
     async def create(self, request: Any, raw: Request) -> Response:
         """The response, or an OpenAI error object: a client's mistake is a 4xx body."""
         try:
-            return await self._create(request, raw)
+            response = await cancel_on_disconnect(raw, self._create(request, raw))
         except APIError as e:
             return error_response(e)
+        # None: the client left first, and its requests were aborted.
+        return Response(status_code=499) if response is None else response
 
     async def _create(self, request: Any, raw: Request) -> Response:
         raise NotImplementedError
@@ -68,6 +83,7 @@ class GenerationServer:
         self, request: Any, raw: Request, prompts: Sequence[PromptType], params: SamplingParams
     ) -> Response:
         """Submit `prompts` (request.n choices each) and answer, streamed or whole."""
+        _check_sequences(len(prompts), request.n)
         request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         try:
             group = await self.engine.add(fan_out(request_id, prompts, params, request.n))
@@ -75,9 +91,12 @@ class GenerationServer:
             raise bad_request_from(e, self.fields, self.aliases) from e
         if request.stream:
             return AbortingStreamingResponse(self._stream(request, request_id, group), group.abort)
-        outputs = await collect_or_abort(raw, group)
-        if outputs is None:
-            return Response(status_code=499)  # nobody is listening
+        try:
+            outputs = await group.final()
+        finally:
+            # Cancelled (the client left: cancel_on_disconnect) or failed:
+            # abort what is still generating, so its blocks are freed now.
+            group.abort()
         for out in outputs:
             raise_if_failed(out)
         body = self._response(request, request_id, outputs, usage_of(outputs, request.n))

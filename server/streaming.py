@@ -1,8 +1,9 @@
 """Server-sent events, deltas from cumulative outputs, and client-disconnect handling."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -10,8 +11,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine import RequestOutput
-from server.async_engine import RequestGroup
 from server.errors import APIError, GenerationError
+
+T = TypeVar("T")
 
 DONE = "data: [DONE]\n\n"
 
@@ -76,15 +78,26 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def collect_or_abort(request: Request, group: RequestGroup) -> list[RequestOutput] | None:
-    """The group's final outputs, or None (and the group aborted, its blocks
-    freed) when the client disconnects first."""
-    final: asyncio.Task[Any] = asyncio.ensure_future(group.final())
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None once the client has gone, `work` then cancelled.
+
+    vLLM's with_cancellation: a handler waiting for the engine (for its turn
+    in the command queue, or for a whole non-streamed answer) would otherwise
+    carry on for a client that gave up, and keep its requests queued and
+    running. Cancelling it aborts them wherever it waits (AsyncEngine.add,
+    GenerationServer._generate).
+    """
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({final, gone}, return_when=asyncio.FIRST_COMPLETED)
-        return final.result() if final.done() else None
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Also when this handler itself is cancelled (server shutdown).
         gone.cancel()
-        final.cancel()
-        group.abort()
+        if not task.done():
+            task.cancel()
+    if task.done():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # let its aborts run before the handler returns
+    return None

@@ -74,6 +74,8 @@ def test_server_section_alone_is_a_valid_config(tmp_path):
         ("server:\n  max_request_bytes: 0\n", "max_request_bytes"),
         ("server:\n  port: 70000\n", "port"),
         ("server:\n  log_level: loud\n", "log_level"),
+        ("server:\n  max_waiting: 0\n", "max_waiting"),
+        ("server:\n  max_waiting: null\n", "max_waiting"),  # the queue is always bounded
     ],
 )
 def test_bad_server_config_is_named(tmp_path, yaml_text, field):

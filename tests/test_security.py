@@ -9,14 +9,19 @@ import re
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
-from live_server import MODEL_NAME
+from live_server import MODEL_NAME, wait_pool_whole
 from starlette.requests import Request
 
-from server import ServerSettings, build_app
-from server.cli import build_parser, serve_config, server_config
+from server import ServerSettings, build_app, create_app
+from server.cli import build_parser, main, serve_config, server_config
 from server.errors import AuthenticationError, check_api_key
-from server.limits import DEFAULT_MAX_REQUEST_BYTES
+from server.limits import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_WAITING,
+    MAX_SEQUENCES_PER_REQUEST,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-keyserve-Zq8Lw3Xv9Tn2"
@@ -99,6 +104,22 @@ def test_the_key_check_accepts_the_key_and_nothing_else():
     assert _accepts(None, api_key=None) and _accepts("Bearer anything", api_key=None)
 
 
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_key_is_refused_at_start(monkeypatch, capsys, key):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the key was checked")
+
+    monkeypatch.setattr("engine.LLMEngine", must_not_load)
+    assert main(["serve", "--api-key", key]) == 2
+    assert "API key (--api-key or $KEYSERVE_API_KEY) is empty" in capsys.readouterr().err
+    monkeypatch.setenv("KEYSERVE_API_KEY", key)  # the flag's default when the parser is built
+    assert main(["serve"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    # Nor by any other way in: the app never holds a key that "Bearer " would match.
+    with pytest.raises(ValueError, match="is empty"):
+        ServerSettings(MODEL_NAME, api_key=key)
+
+
 def test_the_key_is_compared_in_constant_time(monkeypatch):
     """The verdict is hmac.compare_digest's alone (whose time does not depend
     on where the bytes differ): no == or early exit decides before it."""
@@ -175,10 +196,20 @@ def test_cors_only_for_the_configured_origins(live_server):
     _call(app, check)
 
 
+def test_the_model_list_names_no_path(live_server):
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+    listed = client.models.with_raw_response.list()
+    (card,) = listed.parse().data
+    assert (card.id, card.root) == (MODEL_NAME, MODEL_NAME)
+    assert card.max_model_len == live_server.engine.max_model_len
+    model_path = live_server.engine.model_path
+    assert model_path.exists() and str(model_path) not in listed.text
+
+
 def test_limits_are_in_the_config(tmp_path):
     serve = server_config(build_parser().parse_args(["serve"]))
     assert serve.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
-    assert (serve.allowed_origins, serve.max_waiting) == (None, None)
+    assert (serve.allowed_origins, serve.max_waiting) == (None, DEFAULT_MAX_WAITING)
     args = build_parser().parse_args(
         ["serve", "--max-request-bytes", "4096", "--max-waiting", "8", "--max-num-seqs", "4"]
         + ["--allowed-origins", "https://a.example", "https://b.example"]
@@ -200,6 +231,31 @@ def test_limits_are_in_the_config(tmp_path):
     assert (serve.max_request_bytes, serve.max_waiting) == (2048, 2)
     assert serve.allowed_origins == ["https://a.example"]
     assert serve_config(args).max_num_seqs == 4
+
+
+def test_the_queue_is_bounded_by_default(live_server):
+    assert DEFAULT_MAX_WAITING == 1024
+    app = create_app(live_server.engine, ServerSettings(MODEL_NAME))  # not started
+    assert app.state.engine.max_waiting == DEFAULT_MAX_WAITING
+
+
+def test_one_request_adds_at_most_256_sequences(live_server):
+    assert MAX_SEQUENCES_PER_REQUEST == 256
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+    # Ten thousand one-token prompts (a 1 MiB body holds ten times more).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=[[1]] * 10_000, max_tokens=1)
+    assert e.value.param == "prompt" and "10000 sequences" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=["a", "b", "c"], n=128, max_tokens=1)
+    assert e.value.param == "n" and "384 sequences (3 prompts x n=128)" in e.value.message
+    # Right at the limit it is served, every choice.
+    out = client.completions.create(
+        model=MODEL_NAME, prompt=[[1, 2], [3, 4]], n=128, max_tokens=1, temperature=0
+    )
+    assert sorted(c.index for c in out.choices) == list(range(256))
+    assert out.usage.completion_tokens == 256
+    wait_pool_whole(live_server)
 
 
 def _package_sources():
