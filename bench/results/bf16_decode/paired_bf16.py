@@ -4,10 +4,12 @@ in one checkout: A forces the torch attention backend
 writes), B runs the CPU backend (the C++ bf16 decode read in place, the
 one-op write). bench/paired.py's workload (N prompts of --prompt-tokens
 tokens, greedy, EOS ignored, kv_policy full, a fresh process per run), but
-timing only the decode steps: the engine steps until every prompt is
-prefilled (bfloat16 prompts take the same torch code in both arms, and
-on this machine they take minutes), then --new-tokens decode steps of N
-rows each are timed. The figure is the median over rounds of B/A tok/s.
+timing only decode: the engine steps until every prompt is prefilled
+(bfloat16 prompts take the same torch code in both arms, and on this
+machine they take minutes), then the steps until each request has
+--new-tokens tokens are timed (up to N rows each), decode tok/s = the
+tokens they made / their seconds. The figure is the median over rounds of
+B/A decode tok/s.
 
     python bench/results/bf16_decode/paired_bf16.py --sizes 16 --new-tokens 32 --rounds 2
 
@@ -152,9 +154,9 @@ def markdown(result: dict) -> str:
         w = result["workload"]
         lines += [
             f"Embedded SmolLM2-135M-Instruct, bfloat16, {w['threads']} threads; "
-            f"{w['prompt_tokens']}-token prompts, then {w['new_tokens']} decode steps of N rows "
-            f"timed (prefill not timed), greedy, kv_policy full; {w['rounds']} rounds, A then "
-            "B in each. "
+            f"{w['prompt_tokens']}-token prompts; timed: the decode steps after the last "
+            f"prefill, until each request has {w['new_tokens']} tokens (prefill not timed); "
+            f"greedy, kv_policy full; {w['rounds']} rounds, A then B in each. "
             "A: KEYSERVE_ATTENTION_BACKEND=torch; B: KEYSERVE_ATTENTION_BACKEND=cpu.",
             "",
             "| N | A decode tok/s per round | B decode tok/s per round | B/A per round "
