@@ -10,6 +10,7 @@ path instead: same results, slower.
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -34,10 +35,14 @@ SOURCES = [
 # Part of the cache key.
 HEADERS = [
     Path(__file__).parent / "csrc" / name
-    for name in ("vector_math.h", "prompt_tiles.h", "eviction_scores.h")
+    for name in ("vector_math.h", "bf16.h", "prompt_tiles.h", "eviction_scores.h")
 ]
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
 CACHE_ENV = "KEYSERVE_KERNEL_CACHE"
+# Extra compiler flags, after -march=native (part of the cache key): e.g.
+# "-mno-avx512f" builds the code a CPU without AVX-512 (or without its BF16
+# instructions) runs, on this one.
+FLAGS_ENV = "KEYSERVE_CPU_KERNEL_FLAGS"
 
 
 def cache_dir() -> Path:
@@ -162,6 +167,7 @@ def _compile_command() -> tuple[list[str], list[str]]:
         "-std=c++17",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
+        *shlex.split(os.environ.get(FLAGS_ENV, "")),
     ]
     link_flags = [
         *(f"-L{p}" for p in libs),

@@ -1,10 +1,12 @@
 """The CPU backend: the C++ kernels of engine/kernels/csrc/.
 
 Chosen for CPU caches of models without ALiBi or a sliding window, where the
-kernels built. In float32 decode reads K/V in place and adds its scores into
-the cache slots in the same library; a prompt of head size 64 or 128 runs one
-tiled pass that gives the output and the scores from one exp. Other dtypes
-and head sizes keep torch's attention with the C++ score accumulation.
+kernels built. In float32 and bfloat16 the cache write is one op, and decode
+reads K/V in place (float32 arithmetic either way) and adds its scores into
+the cache slots in the same library. In float32 a prompt of head size 64 or
+128 runs one tiled pass that gives the output and the scores from one exp.
+Other dtypes, and other prompts, keep torch's attention with the C++ score
+accumulation.
 """
 
 import torch
@@ -19,6 +21,8 @@ from kv_manager.scoring import gumbel_exp_table, gumbel_table
 
 # Head sizes the tiled prompt kernels are built for.
 TILED_HEAD_DIMS = (64, 128)
+# Cache dtypes the decode and cache-write kernels take.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class CpuBackend(TorchBackend):
@@ -29,8 +33,10 @@ class CpuBackend(TorchBackend):
             raise ValueError("the CPU kernels measure keys by slot: no ALiBi or sliding window")
         super().__init__(geometry, cache)
         self.ops = kernels.ops()
-        self.float32 = cache.k.dtype == torch.float32
-        self.tiled_prompt = self.float32 and geometry.head_dim in TILED_HEAD_DIMS
+        self.dtype = cache.k.dtype
+        self.in_place = self.dtype in KERNEL_DTYPES  # decode and write in C++
+        float32 = self.dtype == torch.float32
+        self.tiled_prompt = float32 and geometry.head_dim in TILED_HEAD_DIMS
 
     # -- cache write ---------------------------------------------------------
 
@@ -45,24 +51,25 @@ class CpuBackend(TorchBackend):
         )  # fmt: skip
 
     def _writes_in_one_op(self, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """A float32 cache, and K and V float32 with each token's heads
-        contiguous (a fused QKV layout may interleave them)."""
+        """A float32 or bfloat16 cache, and K and V of its dtype with each
+        token's heads contiguous (a fused QKV layout may interleave them)."""
         D = self.geo.head_dim
-        return self.float32 and all(
-            t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == D for t in (k, v)
+        return self.in_place and all(
+            t.dtype == self.dtype and t.stride(2) == 1 and t.stride(1) == D for t in (k, v)
         )
 
     # -- decode --------------------------------------------------------------
 
     def decode(self, q: torch.Tensor, batch: DecodeBatch, ctx: AttentionContext) -> torch.Tensor:
-        if not self.float32:
+        if not self.in_place or q.dtype != self.dtype:
             return super().decode(q, batch, ctx)
         # Attention read straight from the paged cache: no per-step gather.
         c, s = self.cache, batch.scoring
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        logits = q.new_empty(0)
-        if s is not None:
-            logits = q.new_empty(q.shape[0], self.geo.num_heads, batch.key_valid.shape[1])
+        logits = q.new_empty(0, dtype=torch.float32)
+        if s is not None:  # float32 in either dtype: the scores' softmax reads them
+            L = batch.key_valid.shape[1]
+            logits = q.new_empty(q.shape[0], self.geo.num_heads, L, dtype=torch.float32)
         self.ops.paged_decode_attention(
             out=out, q=q.contiguous(), k_cache=c.k, v_cache=c.v,
             block_tables=batch.block_tables, num_keys=batch.num_keys, scale=self.geo.scale,

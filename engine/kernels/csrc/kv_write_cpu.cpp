@@ -6,10 +6,11 @@
 // cost more than the copy. Here each new token's rows are copied once.
 //
 // Op: keyserve::write_kv(
-//     k_cache, v_cache [NB, bs, Hkv, D] float, pos_cache, score_cache [NB, bs, Hkv]
-//     (int32, float), k, v [T, Hkv, D] float (rows may have a stride: views of
-//     a merged projection), slots [T] int64 (physical slot of each token),
-//     positions [T] int64)
+//     k_cache, v_cache [NB, bs, Hkv, D] float32 or bfloat16, pos_cache,
+//     score_cache [NB, bs, Hkv] (int32, float32), k, v [T, Hkv, D] of the
+//     cache's dtype (rows may have a stride: views of a merged projection),
+//     slots [T] int64 (physical slot of each token), positions [T] int64)
+// The rows are copied as bytes: the dtype only sets their width.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -30,7 +32,8 @@ void check_cache(const at::Tensor& cache, at::ScalarType dtype, int64_t dims, co
 }
 
 void check_rows(const at::Tensor& x, const at::Tensor& cache, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, name, ": float32 [T, Hkv, D]");
+  TORCH_CHECK(x.scalar_type() == cache.scalar_type() && x.dim() == 3, name,
+              ": [T, Hkv, D] of the cache's dtype");
   TORCH_CHECK(x.size(1) == cache.size(2) && x.size(2) == cache.size(3), name,
               ": heads and head size must match the cache");
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), name,
@@ -40,13 +43,16 @@ void check_rows(const at::Tensor& x, const at::Tensor& cache, const char* name) 
 void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor pos_cache,
               at::Tensor score_cache, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& slots, const at::Tensor& positions) {
-  check_cache(k_cache, at::kFloat, 4, "k_cache");
-  check_cache(v_cache, at::kFloat, 4, "v_cache");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 caches only");
+  check_cache(k_cache, dtype, 4, "k_cache");
+  check_cache(v_cache, dtype, 4, "v_cache");
   check_cache(pos_cache, at::kInt, 3, "pos_cache");
   check_cache(score_cache, at::kFloat, 3, "score_cache");
   check_rows(k, k_cache, "k");
   check_rows(v, v_cache, "v");
-  const int64_t T = k.size(0), H = k.size(1), row = H * k.size(2);
+  const int64_t T = k.size(0), H = k.size(1), width = k.element_size();
+  const int64_t row_bytes = H * k.size(2) * width;
   TORCH_CHECK(v.size(0) == T, "k and v differ in tokens");
   for (const auto* t : {&slots, &positions}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == T,
@@ -58,18 +64,18 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor pos_cache,
     TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " outside the cache");
   }
   const int64_t* pos = positions.data_ptr<int64_t>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
   int32_t* pc = pos_cache.data_ptr<int32_t>();
   float* sc = score_cache.data_ptr<float>();
-  const int64_t ks = k.stride(0), vs = v.stride(0);
+  const int64_t ks = k.stride(0) * width, vs = v.stride(0) * width;  // bytes
   at::parallel_for(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slot[t];
-      std::copy(kp + t * ks, kp + t * ks + row, kc + s * row);
-      std::copy(vp + t * vs, vp + t * vs + row, vc + s * row);
+      std::memcpy(kc + s * row_bytes, kp + t * ks, row_bytes);
+      std::memcpy(vc + s * row_bytes, vp + t * vs, row_bytes);
       // A slot may be reused from a freed block: its score starts afresh.
       std::fill(pc + s * H, pc + (s + 1) * H, static_cast<int32_t>(pos[t]));
       std::fill(sc + s * H, sc + (s + 1) * H, 0.f);

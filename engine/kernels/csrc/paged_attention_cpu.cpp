@@ -8,12 +8,15 @@
 // running ("online") softmax: each block's K rows and then its V rows are
 // read while they sit in L1, all KV heads of a row are one contiguous read,
 // and the query heads of a group share every load (GQA without expanding
-// K/V). float32 only; the caller falls back for anything else.
+// K/V). float32 or bfloat16: q, K, V and out all of one dtype; in bfloat16
+// every product and sum is float32 (the rows are widened as they are read,
+// or multiplied by AVX-512-BF16's dot-product instruction, whose products
+// are exact) and only the output is rounded back.
 //
 // Op: keyserve::paged_decode_attention(
 //     out [B, Hq, D], q [B, Hq, D], k_cache [NB, bs, Hkv, D], v_cache (same),
 //     block_tables [B, max_blocks] int64, num_keys [B] int64, scale,
-//     logits_out [B, Hq, max_blocks * bs] or an empty tensor)
+//     logits_out [B, Hq, max_blocks * bs] float32 or an empty tensor)
 // logits_out, when given, receives the scaled pre-softmax logits of every
 // valid key (slots past num_keys are left as they were): the eviction scores
 // for H2O and Keyformer are computed from them without a second pass over K.
@@ -25,12 +28,20 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "bf16.h"
 #include "vector_math.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
+using keyserve::bf16;
+using keyserve::to_f32;
 using keyserve::accumulate_values;
 using keyserve::exp_nonpositive;
 using keyserve::exp_shifted;
@@ -52,9 +63,9 @@ struct Shapes {
 // rows k + i * stride: scores[g * count + i]. D (a multiple of 16) is a
 // compile-time constant for the common head sizes: the queries stay in
 // vector registers and each dot product ends in one horizontal sum. D = 0: a
-// scalar loop over the runtime head size.
-template <int64_t D>
-void block_scores(const float* q, const float* k, int64_t stride, int64_t count, int64_t G,
+// scalar loop over the runtime head size. K is float or bf16 (widened).
+template <int64_t D, typename T>
+void block_scores(const float* q, const T* k, int64_t stride, int64_t count, int64_t G,
                   int64_t dim, float scale, float* scores) {
   if constexpr (D > 0) {
     constexpr int64_t C = D / 16;
@@ -76,23 +87,68 @@ void block_scores(const float* q, const float* k, int64_t stride, int64_t count,
     }
   } else {
     for (int64_t i = 0; i < count; ++i) {
-      const float* row = k + i * stride;
+      const T* row = k + i * stride;
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = q + g * dim;
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < dim; ++d) acc += qg[d] * row[d];
+        for (int64_t d = 0; d < dim; ++d) acc += qg[d] * to_f32(row[d]);
         scores[g * count + i] = acc * scale;
       }
     }
   }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 keys on a CPU with AVX-512-BF16: VDPBF16PS multiplies 32 bf16 pairs
+// (exact products) into 16 float32 sums, one instruction where widening
+// takes four. The queries, bf16 values held as float, are packed back once
+// per block, exactly.
+template <int64_t D>
+void block_scores_dpbf16(const float* q, const bf16* k, int64_t stride, int64_t count, int64_t G,
+                         float scale, float* scores) {
+  constexpr int64_t C = D / 32;
+  __m512bh qv[kMaxGroup][C];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) {
+      const float* qc = q + g * D + 32 * c;
+      qv[g][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qc + 16), _mm512_loadu_ps(qc));
+    }
+  for (int64_t i = 0; i < count; ++i) {
+    __m512bh kv[C];
+    for (int64_t c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(k + i * stride + 32 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      // Two accumulators: half the dependent chain of one.
+      __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], kv[0]);
+      __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][1], kv[1]);
+      for (int64_t c = 2; c < C; c += 2) {
+        even = _mm512_dpbf16_ps(even, qv[g][c], kv[c]);
+        odd = _mm512_dpbf16_ps(odd, qv[g][c + 1], kv[c + 1]);
+      }
+      scores[g * count + i] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) * scale;
+    }
+  }
+}
+#endif
+
+// The scores of one block: AVX-512-BF16 where the build has it, for bf16
+// keys of the vector head sizes; the widening loads otherwise.
+template <int64_t D, typename T>
+void key_scores(const float* q, const T* k, int64_t stride, int64_t count, int64_t G, int64_t dim,
+                float scale, float* scores) {
+#if defined(__AVX512BF16__)
+  if constexpr (D > 0 && std::is_same_v<T, bf16>) {
+    return block_scores_dpbf16<D>(q, k, stride, count, G, scale, scores);
+  }
+#endif
+  block_scores<D>(q, k, stride, count, G, dim, scale, scores);
+}
+
 // acc[g] = acc[g] * rescale[g] + sum_i p[g * count + i] * v_i, over `count`
 // value rows v + i * stride. With D fixed, up to 4 query heads' accumulators
 // at a time stay in vector registers for the whole block.
-template <int64_t D>
-void block_values(const float* p, const float* rescale, const float* v, int64_t stride,
+template <int64_t D, typename T>
+void block_values(const float* p, const float* rescale, const T* v, int64_t stride,
                   int64_t count, int64_t G, int64_t dim, float* acc) {
   if constexpr (D > 0) {
     // The group's rows at once (G is at most kMaxGroup on this path).
@@ -113,12 +169,12 @@ void block_values(const float* p, const float* rescale, const float* v, int64_t 
       for (int64_t d = 0; d < dim; ++d) o[d] *= rescale[g];
     }
     for (int64_t i = 0; i < count; ++i) {
-      const float* row = v + i * stride;
+      const T* row = v + i * stride;
       for (int64_t g = 0; g < G; ++g) {
         const float pg = p[g * count + i];
         float* o = acc + g * dim;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) o[d] += pg * row[d];
+        for (int64_t d = 0; d < dim; ++d) o[d] += pg * to_f32(row[d]);
       }
     }
   }
@@ -128,9 +184,10 @@ void block_values(const float* p, const float* rescale, const float* v, int64_t 
 // lie anywhere in the pool, so the hardware prefetcher, which follows
 // addresses within a page, starts cold at each one and the loop would wait
 // on memory (2.5x slower at 2k keys, where the KV no longer fits in cache).
-inline void prefetch_block(const float* k, const float* v, int64_t floats) {
-  constexpr int64_t kLine = 64 / sizeof(float);
-  for (int64_t i = 0; i < floats; i += kLine) {
+template <typename T>
+void prefetch_block(const T* k, const T* v, int64_t elements) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < elements; i += kLine) {
     __builtin_prefetch(k + i, 0, 1);  // into L2: the block is read soon, not at once
     __builtin_prefetch(v + i, 0, 1);
   }
@@ -138,8 +195,33 @@ inline void prefetch_block(const float* k, const float* v, int64_t floats) {
 
 // Per-thread buffers, reused across work items.
 struct Scratch {
-  std::vector<float> scores, rescale, max, sum, acc;
+  std::vector<float> scores, rescale, max, sum, acc, q;
 };
+
+// The query rows as float: float32 ones in place, bf16 ones widened into
+// the scratch buffer (once per work item, not once per block).
+const float* float_rows(const float* q, int64_t, std::vector<float>&) { return q; }
+
+const float* float_rows(const bf16* q, int64_t n, std::vector<float>& buffer) {
+  buffer.resize(n);
+  keyserve::convert_row(q, buffer.data(), n);
+  return buffer.data();
+}
+
+// out = acc / sum for each of `rows` rows of `dim`, rounded to T.
+template <typename T>
+void normalize_rows(const float* acc, const float* sum, int64_t rows, int64_t dim, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / sum[r];
+    const float* a = acc + r * dim;
+    T* o = out + r * dim;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inv;
+    } else {
+      for (int64_t d = 0; d < dim; ++d) o[d] = keyserve::to_bf16(a[d] * inv);
+    }
+  }
+}
 
 // In place: one block's scores [G, count] -> exp(score - running max), with
 // the running max and sum of each query head updated and rescale[g] the
@@ -158,31 +240,32 @@ void online_softmax(float* scores, int64_t count, int64_t G, float* max, float* 
 }
 
 // KV heads [h0, h1) of one sequence: q, out, logits point at the sequence's
-// rows ([Hq, D], [Hq, D], [Hq, logits_width] or null).
-template <int64_t D>
-void attend_heads(const float* q, const float* k_cache, const float* v_cache,
-                  const int64_t* blocks, int64_t n, const Shapes& s, int64_t h0, int64_t h1,
-                  float scale, float* logits, float* out, Scratch& w) {
+// rows ([Hq, D], [Hq, D], [Hq, logits_width] or null). T: float or bf16.
+template <int64_t D, typename T>
+void attend_heads(const T* q_rows, const T* k_cache, const T* v_cache, const int64_t* blocks,
+                  int64_t n, const Shapes& s, int64_t h0, int64_t h1, float scale, float* logits,
+                  T* out, Scratch& w) {
   const int64_t G = s.group, dim = D > 0 ? D : s.head_dim, bs = s.block_size;
+  const float* q = float_rows(q_rows, s.num_kv_heads * G * dim, w.q);
   const int64_t stride = s.num_kv_heads * dim, rows = (h1 - h0) * G;
   w.scores.resize(G * bs);
   w.rescale.resize(G);
   w.max.assign(rows, -std::numeric_limits<float>::infinity());
   w.sum.assign(rows, 0.f);
   w.acc.assign(rows * dim, 0.f);
-  const int64_t block_floats = bs * stride;
+  const int64_t block_elems = bs * stride;
   for (int64_t start = 0, j = 0; start < n; start += bs, ++j) {
     const int64_t count = std::min(bs, n - start);
-    const float* kb = k_cache + blocks[j] * block_floats;
-    const float* vb = v_cache + blocks[j] * block_floats;
+    const T* kb = k_cache + blocks[j] * block_elems;
+    const T* vb = v_cache + blocks[j] * block_elems;
     if (start + bs < n) {
-      prefetch_block(k_cache + blocks[j + 1] * block_floats, v_cache + blocks[j + 1] * block_floats,
+      prefetch_block(k_cache + blocks[j + 1] * block_elems, v_cache + blocks[j + 1] * block_elems,
                      std::min(bs, n - start - bs) * stride);
     }
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t r = (h - h0) * G;  // the head's first row in the running state
       float* sc = w.scores.data();
-      block_scores<D>(q + h * G * dim, kb + h * dim, stride, count, G, dim, scale, sc);
+      key_scores<D>(q + h * G * dim, kb + h * dim, stride, count, G, dim, scale, sc);
       if (logits != nullptr) {
         for (int64_t g = 0; g < G; ++g)
           std::copy(sc + g * count, sc + (g + 1) * count,
@@ -193,22 +276,23 @@ void attend_heads(const float* q, const float* k_cache, const float* v_cache,
                       w.acc.data() + r * dim);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = 1.f / w.sum[r];
-    const float* a = w.acc.data() + r * dim;
-    float* o = out + (h0 * G + r) * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inv;
-  }
+  normalize_rows(w.acc.data(), w.sum.data(), rows, dim, out + h0 * G * dim);
 }
 
 void check_inputs(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& block_tables,
-                  const at::Tensor& num_keys) {
+                  const at::Tensor& num_keys, const at::Tensor& logits_out) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "float32 or bfloat16 CPU tensors only");
   for (const auto* t : {&out, &q, &k_cache, &v_cache}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
-                "float32 CPU tensors only");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype,
+                "out, q, k_cache and v_cache: CPU tensors of one dtype (float32 or bfloat16)");
     TORCH_CHECK(t->is_contiguous(), "contiguous tensors only");
   }
+  TORCH_CHECK(logits_out.numel() == 0 ||
+                  (logits_out.scalar_type() == at::kFloat && logits_out.is_contiguous()),
+              "logits_out must be contiguous float32");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(),
               "block_tables must be contiguous int64");
   TORCH_CHECK(num_keys.scalar_type() == at::kLong && num_keys.is_contiguous(),
@@ -217,27 +301,32 @@ void check_inputs(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
 }
 
-void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& num_keys, double scale, at::Tensor logits_out) {
-  check_inputs(out, q, k_cache, v_cache, block_tables, num_keys);
+// A tensor's elements as T (bf16 is at::BFloat16's bits).
+template <typename T>
+T* elements(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+  } else {
+    return t.data_ptr<T>();
+  }
+}
+
+template <typename T>
+void attend_batch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                  const at::Tensor& num_keys, float scale, float* lp, const Shapes& s) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const bool want_logits = logits_out.numel() > 0;
-  const Shapes s{k_cache.size(1),      k_cache.size(2),     Hq / k_cache.size(2),
-                 D,                    block_tables.size(1), want_logits ? logits_out.size(2) : 0};
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const T* qp = elements<T>(q);
+  const T* kp = elements<T>(k_cache);
+  const T* vp = elements<T>(v_cache);
+  T* op = elements<T>(out);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = num_keys.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  float* lp = want_logits ? logits_out.data_ptr<float>() : nullptr;
-  const float fscale = static_cast<float>(scale);
   const bool vector = s.group <= kMaxGroup;
-  auto attend = !vector      ? &attend_heads<0>
-                : D == 64  ? &attend_heads<64>
-                : D == 128 ? &attend_heads<128>
-                           : &attend_heads<0>;
+  auto attend = !vector      ? &attend_heads<0, T>
+                : D == 64  ? &attend_heads<64, T>
+                : D == 128 ? &attend_heads<128, T>
+                           : &attend_heads<0, T>;
   // A sequence per work item reads its rows whole; with fewer sequences than
   // two per thread, split them by KV head so that every thread has work.
   const int64_t split = B >= 2 * at::get_num_threads() ? 1 : s.num_kv_heads;
@@ -249,9 +338,25 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
       const int64_t n = lens[b];
       TORCH_CHECK(n > 0 && n <= s.max_blocks * s.block_size, "num_keys out of range");
       attend(qp + b * Hq * D, kp, vp, tables + b * s.max_blocks, n, s, h0, h0 + heads_per_item,
-             fscale, lp != nullptr ? lp + b * Hq * s.logits_width : nullptr, op + b * Hq * D, w);
+             scale, lp != nullptr ? lp + b * Hq * s.logits_width : nullptr, op + b * Hq * D, w);
     }
   });
+}
+
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& num_keys, double scale, at::Tensor logits_out) {
+  check_inputs(out, q, k_cache, v_cache, block_tables, num_keys, logits_out);
+  const bool want_logits = logits_out.numel() > 0;
+  const Shapes s{k_cache.size(1),      k_cache.size(2),     q.size(1) / k_cache.size(2),
+                 q.size(2),            block_tables.size(1), want_logits ? logits_out.size(2) : 0};
+  float* lp = want_logits ? logits_out.data_ptr<float>() : nullptr;
+  const float fscale = static_cast<float>(scale);
+  if (q.scalar_type() == at::kBFloat16) {
+    attend_batch<bf16>(out, q, k_cache, v_cache, block_tables, num_keys, fscale, lp, s);
+  } else {
+    attend_batch<float>(out, q, k_cache, v_cache, block_tables, num_keys, fscale, lp, s);
+  }
 }
 
 }  // namespace

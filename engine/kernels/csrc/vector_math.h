@@ -114,9 +114,10 @@ inline float exp_shifted(const float* src, float* dst, int64_t n, float m) {
 // p[r * p_stride + j] * v_j over `count` value rows v + j * v_stride. The R
 // accumulators of D floats stay in registers, and each value row is loaded
 // once for all R rows (the query heads of a GQA group, or a tile of queries).
-template <int64_t D, int R>
+// V is float or bf16 (bf16.h): its load16 is found by argument-dependent lookup.
+template <int64_t D, int R, typename V>
 inline void accumulate_values(const float* p, int64_t p_stride, const float* rescale,
-                              const float* v, int64_t v_stride, int64_t count, float* acc) {
+                              const V* v, int64_t v_stride, int64_t count, float* acc) {
   constexpr int64_t C = D / 16;
   f32x16 a[R][C];
   for (int r = 0; r < R; ++r)
