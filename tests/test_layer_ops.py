@@ -12,7 +12,7 @@ from engine.kernels import cpu as cpu_kernels
 from engine.models.common import RMSNorm, RotaryEmbedding, merge_linears, silu_and_mul
 
 pytestmark = pytest.mark.skipif(
-    not cpu_kernels.layer_ops(), reason="no C++ compiler here: the torch ops run instead"
+    not cpu_kernels.loaded(), reason="no C++ compiler here: the torch ops run instead"
 )
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}

@@ -118,7 +118,7 @@ def test_separate_projections_and_torch_layer_ops(
     """The model as built from the checkpoint's names (q/k/v and gate/up not
     merged) on the torch norm, RoPE and SwiGLU: the path of a model built but
     not merged, and of devices without the C++ ops."""
-    monkeypatch.setattr("engine.models.common.layer_ops", lambda: False)
+    monkeypatch.setattr("engine.models.common.layer_ops_loaded", lambda: False)
     monkeypatch.setattr(CausalLM, "merge_projections", lambda self: None)
     llm = _llm(family)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)

@@ -110,12 +110,6 @@ def write_kv() -> Callable[..., None] | None:
     return torch.ops.keyserve.write_kv if _library() else None
 
 
-def layer_ops() -> bool:
-    """Whether torch.ops.keyserve's fused layer ops (rms_norm, add_rms_norm,
-    silu_and_mul, rotary_) are loaded."""
-    return _library()
-
-
 def clear_cache() -> None:
     """Forget whether the kernels loaded (tests switch them off and on)."""
     _library.cache_clear()

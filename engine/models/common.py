@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels.cpu import layer_ops
+from engine.kernels.cpu import loaded as layer_ops_loaded
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -17,7 +17,7 @@ def _fused(*tensors: torch.Tensor) -> bool:
     on_cpu = all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors
     )
-    return on_cpu and layer_ops()
+    return on_cpu and layer_ops_loaded()
 
 
 class RMSNorm(nn.Module):

@@ -83,9 +83,9 @@ class Evictor:
         """Victims [B, L, H] from the C++ selection, which reads the cache in
         place: on the CPU, for a batch of score-based policies (None otherwise)."""
         kernel = lowest_priority_slots() if slots.device.type == "cpu" else None
-        if kernel is None or not all(isinstance(r.kv.policy, HeavyHitterPolicy) for r in requests):
+        starts = _recent_starts(requests)
+        if kernel is None or starts is None:
             return None
-        starts = [r.kv.policy.recent_start(r.kv.budget, r.num_computed_tokens) for r in requests]
         L, _, _, H = self.cache.scores.shape
         scores, positions = self.cache.scores.view(L, -1, H), self.cache.positions.view(L, -1, H)
         return kernel(
@@ -122,8 +122,17 @@ class Evictor:
         """HeavyHitterPolicy.keep_priority for a whole batch of h2o/keyformer
         sequences in one pass (None for any other mix): the score, +inf from
         each row's recent window on. One launch, not a few per sequence."""
-        if not all(isinstance(r.kv.policy, HeavyHitterPolicy) for r in requests):
+        starts = _recent_starts(requests)
+        if starts is None:
             return None
-        starts = [r.kv.policy.recent_start(r.kv.budget, r.num_computed_tokens) for r in requests]
         recent = positions >= torch.tensor(starts, device=positions.device).view(-1, 1, 1, 1)
         return scores.float().masked_fill(recent, float("inf"))
+
+
+def _recent_starts(requests: list[Request]) -> list[int] | None:
+    """Each sequence's first recent-window position, when every one is an
+    h2o/keyformer sequence (their keep-priority is the score below it and
+    +inf from it on); None for any other mix."""
+    if not all(isinstance(r.kv.policy, HeavyHitterPolicy) for r in requests):
+        return None
+    return [r.kv.policy.recent_start(r.kv.budget, r.num_computed_tokens) for r in requests]

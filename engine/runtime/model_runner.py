@@ -12,6 +12,7 @@ from engine.runtime.decode_graphs import DecodeGraphRunner
 from engine.runtime.kv_cache import PagedKVCache, slot_index, slot_of
 from engine.runtime.outputs import Logprob
 from engine.runtime.prompt_logprobs import PromptRows, score_rows
+from kv_manager.manager import blocks_for
 from scheduler import ScheduledChunk
 
 BlockTableFn = Callable[[str], list[int]]
@@ -60,7 +61,7 @@ class ModelRunner:
 
     def use_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Run decode-only steps from static buffers (CUDA graphs on CUDA)."""
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = blocks_for(max_model_len, self.block_size)
         self.graphs = DecodeGraphRunner(
             self.model, self.block_size, max_batch, max_blocks, self.scratch_block, self.device
         )
@@ -160,7 +161,7 @@ class ModelRunner:
     ) -> PrefillSpan:
         dev = self.device
         num_keys = chunk.slot_start + chunk.num_tokens
-        used = blocks[: -(-num_keys // self.block_size)]
+        used = blocks[: blocks_for(num_keys, self.block_size)]
         table = None
         if chunk.slot_start > 0:
             table = torch.tensor(used, dtype=torch.long, device=dev)
