@@ -62,3 +62,20 @@ def write_json(path: Path, payload: Mapping[str, Any], indent: int = 2) -> Path:
     """Write `payload` as JSON to `path`, stamped with the commit (with_provenance)."""
     path.write_text(json.dumps(with_provenance(payload), indent=indent) + "\n", encoding="utf-8")
     return path
+
+
+# The instruction sets the CPU figures depend on (matrix units, bf16 dot products).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> dict[str, Any]:
+    """{cpu_model, cpu_isa}: the CPU's model name and which of ISA_FLAGS it has.
+    The machines of one pool differ (AMX on some, not others): figures say
+    which one they came from."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"cpu_model": None, "cpu_isa": []}
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return {"cpu_model": model, "cpu_isa": [f for f in ISA_FLAGS if f in flags]}

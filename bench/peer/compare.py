@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.provenance import git_provenance, write_json
+from bench.provenance import cpu_description, git_provenance, write_json
 from bench.serve import render_table, run_load, write_results
 from bench.server_process import keyserve_command, start_server, stop_server
 
@@ -63,7 +63,7 @@ def vllm_server(python: str, args: argparse.Namespace, port: int) -> Server:
         "--model", str(model_folder()),
         "--served-model-name", MODEL_NAME,
         "--port", str(port),
-        "--dtype", "float32",
+        "--dtype", args.dtype,
         "--max-num-seqs", str(args.max_num_seqs),
         *_block_size(args),
     ]  # fmt: skip
@@ -100,6 +100,7 @@ def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
         "--kv-policy", policy,
         "--kv-ratio", str(args.kv_ratio),
         "--max-num-seqs", str(args.max_num_seqs),
+        "--dtype", args.dtype,
         "--log-level", "warning",
         *_block_size(args),
         *pool,
@@ -172,10 +173,14 @@ SUMMARY_FIGURES = [
 
 
 def summary(results: list[dict], servers: list[Server], args: argparse.Namespace) -> str:
+    cpu = cpu_description()
     lines = [
         f"# {args.name}",
         "",
         f"Command: `python -m bench.peer.compare {shlex.join(sys.argv[1:])}`",
+        "",
+        f"CPU: {cpu['cpu_model']}, {' '.join(cpu['cpu_isa'])}; dtype {args.dtype} for every "
+        "server.",
         "",
         f"Prompts of {_list(args.prompt_tokens)} tokens cut from the Lee corpus, "
         f"{args.output_tokens} output tokens "
@@ -299,6 +304,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "keyserve 16, vLLM's CPU build 128)",
     )
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="for every server"
+    )
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
