@@ -127,6 +127,14 @@ def _accuracy(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return report.write_all(tmp, [], {"command": "x", "summary": {}})["json"]
 
 
+def _dtype_report(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from bench.accuracy import dtype_report
+
+    report = {"command": "x", "report_cpu": "c", "rows": [], "full_disagreements": []}
+    side = {"dtype": "float32", "folders": []}
+    return dtype_report.write_report(tmp, {**report, "run": side, "reference": side})["json"]
+
+
 def _soak(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from bench import soak
 
@@ -150,7 +158,17 @@ def _paired(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp / "p.json"
 
 
-WRITERS = [_serve, _compare, _throughput, _eviction, _accuracy, _soak, _long_context, _paired]
+WRITERS = [
+    _serve,
+    _compare,
+    _throughput,
+    _eviction,
+    _accuracy,
+    _dtype_report,
+    _soak,
+    _long_context,
+    _paired,
+]
 
 
 @pytest.mark.parametrize("writer", WRITERS, ids=lambda w: w.__name__.strip("_"))

@@ -13,12 +13,13 @@ from typing import Any
 
 from bench.accuracy import fewshot, report, resume, retrieval, runner, sotu, summarization
 from bench.accuracy.common import Item
-from bench.provenance import git_provenance
+from bench.provenance import cpu_description, git_provenance
 
 TASKS = ("summarization", "fewshot", "retrieval")
 POLICIES = ("full", "window", "streaming", "h2o", "keyformer")
 # Items per subtask when --limit is not given (the full run).
 DEFAULT_LIMITS = {"summarization": 60, "sotu": 10, "fewshot": 200, "retrieval": 2}
+DTYPES = ("float32", "bfloat16", "auto")
 
 
 def _csv(kind: type) -> Any:
@@ -63,6 +64,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(grow a sample over several sittings: rerun with a larger --limit)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weights, activations and KV cache (passed to LLM(dtype=...)); float32 by "
+        "default, the dtype of the committed results; auto: the engine's choice, bfloat16 "
+        "on a GPU and on a CPU with AVX-512-BF16 or AMX, float32 elsewhere. The dtype "
+        "that ran is recorded in results.json/md",
+    )
     p.add_argument("--kv-cache-bytes", default="4GiB")
     p.add_argument("--max-num-seqs", type=int, default=64)
     args = p.parse_args(argv)
@@ -117,7 +127,19 @@ def load_llm(args: argparse.Namespace) -> Any:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = None if args.model == "default" else args.model
-    return LLM(model=model, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs)
+    return LLM(
+        model=model,
+        dtype=args.dtype,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_num_seqs=args.max_num_seqs,
+    )
+
+
+def dtype_that_runs(llm: Any, requested: str) -> str:
+    """The engine's dtype ("bfloat16", not "auto"); the requested one when the
+    llm does not say (an injected fake)."""
+    dtype = getattr(getattr(llm, "engine", None), "dtype", None)
+    return requested if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _git_commit() -> str:
@@ -136,6 +158,7 @@ def _meta(
     result: runner.RunResult,
     wall: float,
     commit: str,
+    dtype: str,
 ) -> dict:
     argv = (
         ["python", "-m", "bench.accuracy", *sys.argv[1:]] if args.command is None else args.command
@@ -151,7 +174,9 @@ def _meta(
             "wall time (s)": round(wall, 1),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git commit": commit,
+            "dtype": dtype,
             "machine": f"{platform.machine()}, {platform.python_version()}",
+            "cpu": report.cpu_line(cpu_description()),
         },
         "seconds_per_run": {f"{p}@{b}": round(s, 2) for (p, b), s in result.seconds.items()},
         "generated_tokens_per_run": {
@@ -180,16 +205,17 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
     max_len = getattr(getattr(llm, "engine", None), "max_model_len", 8192)
     items = build_items(args, llm.get_tokenizer(), max_len)
     configs = runner.configs(args.policies, args.budgets)
+    dtype = dtype_that_runs(llm, args.dtype)
     previous = resume.load(args.out) if args.resume else None
     if previous is not None:
-        resume.check(previous, configs)
+        resume.check(previous, configs, dtype)
         items = resume.pending(items, previous)
     if not items:
         raise SystemExit("no items to run")
     result = runner.run(llm, items, configs)
     scores = runner.score_all(items, result, SCORERS)
     stats = getattr(getattr(llm, "engine", None), "stats", None)
-    meta = _meta(args, items, result, time.perf_counter() - start, commit)
+    meta = _meta(args, items, result, time.perf_counter() - start, commit, dtype)
     if stats is not None:
         meta["engine_stats"] = stats()
         if meta["engine_stats"].get("preemptions"):

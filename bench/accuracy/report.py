@@ -14,6 +14,11 @@ Key = tuple[str, float, str, str, str]  # policy, budget, task, subtask, metric
 PLOTTED = {"summarization": ("rouge1", "rouge2", "rougeL"), "fewshot": ("accuracy",)}
 
 
+def cpu_line(cpu: dict[str, Any]) -> str:
+    """bench.provenance.cpu_description() as one line: "AMD EPYC (avx2 avx512f)"."""
+    return f"{cpu.get('cpu_model') or 'unknown CPU'} ({' '.join(cpu.get('cpu_isa') or []) or '-'})"
+
+
 def aggregate(scores: Sequence[Score]) -> dict[Key, tuple[float, int]]:
     """Mean and count of each metric per (policy, budget, task, subtask)."""
     groups: dict[Key, list[float]] = defaultdict(list)

@@ -16,15 +16,27 @@ def load(out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check(previous: dict[str, Any], configs: list[tuple[str, float]]) -> None:
-    """Refuse to mix runs of different (policy, budget) sets: the merged
-    table would have holes."""
+def dtype_of(results: dict[str, Any]) -> str:
+    """The dtype a results.json ran in. Results from before --dtype ran in
+    float32: the engine's "auto" was float32 on a CPU then."""
+    return results["summary"].get("dtype") or results["args"].get("dtype") or "float32"
+
+
+def check(previous: dict[str, Any], configs: list[tuple[str, float]], dtype: str) -> None:
+    """Refuse to mix runs of different (policy, budget) sets, whose merged
+    table would have holes, or of different dtypes, whose items would not be
+    comparable with one another."""
     before = {tuple(k.rsplit("@", 1)) for k in previous["generations"]}
     now = {(p, str(b)) for p, b in configs}
     if before != now:
         raise SystemExit(
             "--resume: the results in --out ran other policies/budgets "
             f"({sorted(before)}); run with the same --policies and --budgets"
+        )
+    if dtype_of(previous) != dtype:
+        raise SystemExit(
+            f"--resume: the results in --out ran in {dtype_of(previous)}, this run in "
+            f"{dtype}; run with the same --dtype or another --out"
         )
 
 

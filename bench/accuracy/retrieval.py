@@ -50,6 +50,17 @@ def found(key: str, text: str) -> bool:
     return re.search(rf"(?<!\d){key}(?!\d)", text) is not None
 
 
+def prediction(item: Item, text: str) -> str:
+    """The answer read from a generation: the key when it appears (so that
+    prediction == gold exactly when `score` counts the item right), else the
+    first number written ("" when there is none). Two generations agree when
+    their predictions are equal; two that name no number agree on "none"."""
+    if found(item.gold, text):
+        return item.gold
+    first = re.search(r"\d+", text)
+    return first.group(0) if first else ""
+
+
 def score(
     items_: Sequence[Item],
     outputs: dict[str, str],
