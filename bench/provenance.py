@@ -62,3 +62,40 @@ def write_json(path: Path, payload: Mapping[str, Any], indent: int = 2) -> Path:
     """Write `payload` as JSON to `path`, stamped with the commit (with_provenance)."""
     path.write_text(json.dumps(with_provenance(payload), indent=indent) + "\n", encoding="utf-8")
     return path
+
+
+# The CPU flags that decide which code a figure measured: -march=native builds
+# of the C++ kernels, oneDNN's choice of AVX-512-BF16 or AMX for bfloat16
+# linears. "AMD EPYC" alone names several generations, so figures carry both.
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_provenance(cpuinfo: str | None = None) -> dict[str, Any]:
+    """{cpu_model, cpu_isa: the ISA_FLAGS this CPU has, in ISA_FLAGS' order},
+    from `cpuinfo` (the text of /proc/cpuinfo, read when None; both None
+    where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            return {"cpu_model": None, "cpu_isa": None}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    have = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name"),
+        "cpu_isa": [f for f in ISA_FLAGS if f in have],
+    }
