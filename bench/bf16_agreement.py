@@ -246,12 +246,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     tok = load_tokenizer(resolve_model_path(None))
     cases = short_cases(tok, args) + long_cases(tok, args)
     meta = _meta(args, argv, cases)
-    runs = {}
+    runs, meta["seconds_per_run"] = {}, {}
     for label in args.runs:
         system, dtype = RUNS[label]
         start = time.perf_counter()
         runs[label] = SYSTEMS[system](dtype, cases, args)
-        print(f"{label}: {len(cases)} prompts in {time.perf_counter() - start:.1f}s", flush=True)
+        meta["seconds_per_run"][label] = seconds = round(time.perf_counter() - start, 1)
+        print(f"{label}: {len(cases)} prompts in {seconds}s (model load included)", flush=True)
     paths = write(args.out, args.name, meta, cases, runs)
     print(paths["markdown"].read_text())
     return paths

@@ -147,6 +147,14 @@ def _case_table(cases: Sequence[Case], pairs: Mapping[str, dict[str, Any]]) -> l
     return lines
 
 
+def _seconds_line(meta: Mapping[str, Any]) -> list[str]:
+    runs = meta.get("seconds_per_run")
+    if not runs:
+        return []
+    cells = ", ".join(f"{label} {s} s" for label, s in runs.items())
+    return [f"Wall time per run (model load included): {cells}.", ""]
+
+
 def markdown(meta: Mapping[str, Any], cases: Sequence[Case], pairs: Mapping[str, Any]) -> str:
     cpu = meta["cpu"]
     lines = [
@@ -160,6 +168,7 @@ def markdown(meta: Mapping[str, Any], cases: Sequence[Case], pairs: Mapping[str,
         "",
         meta["workload"],
         "",
+        *_seconds_line(meta),
         "Tokens until the first divergence: how many leading generated tokens the",
         "two runs share ('all' = every one of them). Beside a divergence, in",
         "brackets: each side's log-probability of its pick minus that of its",

@@ -108,6 +108,7 @@ def test_report_files(tmp_path):
         "torch": "t",
         "transformers": "x",
         "workload": "w",
+        "seconds_per_run": {"keyserve-bf16": 1.5},
     }
     paths = write(tmp_path, "r", meta, _cases(), _runs())
     data = json.loads(paths["json"].read_text())
@@ -116,6 +117,7 @@ def test_report_files(tmp_path):
     assert "git_commit" in data
     md = paths["markdown"].read_text()
     assert "Test CPU" in md and "avx512_bf16" in md and "--quick" in md
+    assert "keyserve-bf16 1.5 s" in md
     assert "| p0 | short | 2 | 4 | 2 (0.0/None) | all | 2 (0.0/None) | all |" in md
 
 
@@ -145,3 +147,34 @@ def test_cpu_provenance_names_the_model_and_the_isa_flags_that_matter():
         "cpu_isa": ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"],
     }
     assert cpu_provenance("") == {"cpu_model": None, "cpu_isa": []}
+
+
+def test_main_quick_wiring(tmp_path, monkeypatch):
+    """--quick end to end with stand-in runs: the 2 parity prompts, 16 tokens
+    each, every run asked with its explicit dtype, the files written."""
+    asked = []
+
+    def fake(system):
+        def run(dtype, cases, args):
+            asked.append((system, dtype, [c.new_tokens for c in cases]))
+            return [Generation(list(range(c.new_tokens)), [1.0] * c.new_tokens) for c in cases]
+
+        return run
+
+    monkeypatch.setattr(
+        bf16_agreement, "SYSTEMS", {s: fake(s) for s in ("keyserve", "transformers")}
+    )
+    paths = bf16_agreement.main(["--quick", "--out", str(tmp_path)])
+    assert sorted(asked) == [
+        ("keyserve", "bfloat16", [16, 16]),
+        ("keyserve", "float32", [16, 16]),
+        ("transformers", "bfloat16", [16, 16]),
+        ("transformers", "float32", [16, 16]),
+    ]
+    data = json.loads(paths["json"].read_text())
+    assert [c["name"] for c in data["cases"]] == ["parity-0", "parity-1"]
+    assert data["command"] == "python -m bench.bf16_agreement --quick --out " + str(tmp_path)
+    assert set(data["cpu"]) == {"cpu_model", "cpu_isa"}
+    summary = data["pairs"]["keyserve-bf16 vs transformers-bf16"]["summary"]["short"]
+    assert summary == {"prompts": 2, "full": 2, "median": 16.0, "min": 16}
+    assert paths["markdown"].name == "smollm2_quick.md"
