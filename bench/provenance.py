@@ -64,18 +64,38 @@ def write_json(path: Path, payload: Mapping[str, Any], indent: int = 2) -> Path:
     return path
 
 
-# The instruction sets the CPU figures depend on (matrix units, bf16 dot products).
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# The CPU flags that decide which code a figure measured: -march=native builds
+# of the C++ kernels, oneDNN's choice of AVX-512-BF16 or AMX for bfloat16
+# linears. "AMD EPYC" alone names several generations, so figures carry both.
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
-def cpu_description() -> dict[str, Any]:
-    """{cpu_model, cpu_isa}: the CPU's model name and which of ISA_FLAGS it has.
-    The machines of one pool differ (AMX on some, not others): figures say
-    which one they came from."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"cpu_model": None, "cpu_isa": []}
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    return {"cpu_model": model, "cpu_isa": [f for f in ISA_FLAGS if f in flags]}
+def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
+    """{cpu_model, cpu_isa: the ISA_FLAGS this CPU has, in ISA_FLAGS' order},
+    from `cpuinfo` (the text of /proc/cpuinfo, read when None; None and []
+    where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            return {"cpu_model": None, "cpu_isa": []}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    have = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name"),
+        "cpu_isa": [f for f in ISA_FLAGS if f in have],
+    }

@@ -5,9 +5,17 @@ paged attention with a dense one: per layer, K/V for every token ever seen in
 one tensor, and an explicit `alive` mask per (kv-head, token) that eviction
 clears. Nothing is moved, compacted or paged; scores and victims are computed
 with plain loops. The engine must produce exactly this reference's tokens.
+
+In bfloat16 (the engine's model in bfloat16: q, k, v come out of it rounded,
+the attention math here stays float32, its output is rounded back, and the
+scores accumulate in Python floats) the tokens and scores agree with the
+engine's only up to rounding, so the reference can instead follow the
+engine's tokens (`generate(..., follow=...)`) and hand each cut to `on_cut`,
+which may compare it with the engine's and `adopt` the engine's choice.
 """
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +42,15 @@ class DenseReference:
         self.model = model
         self.settings = settings
         self.layers = model.attention_layers()
+        # Called with the sequence's length after every cut (the reference's own
+        # choice made); it may adopt() another choice before decoding goes on.
+        self.on_cut: Callable[[int], None] | None = None
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
+    def generate(
+        self, prompt: list[int], params: SamplingParams, follow: Sequence[int] | None = None
+    ) -> list[int]:
+        """The generated tokens; with `follow`, those tokens are fed back in
+        place of the sampled ones (and returned)."""
         n = len(prompt)
         self.state = [DenseLayer() for _ in self.layers]
         self.prompt_len, self.max_tokens = n, params.max_tokens
@@ -56,7 +71,7 @@ class DenseReference:
                 self._evict(pos + len(tokens))
                 pos += len(tokens)
                 row = SamplingRow(params, gen, prompt, out, frozenset())
-                token = sample(logits, [row])[0].token_id
+                token = sample(logits, [row])[0].token_id if follow is None else follow[len(out)]
                 out.append(token)
                 tokens = [token]
             return out
@@ -134,15 +149,47 @@ class DenseReference:
         """Cut each (layer, kv-head) to the budget once the prompt is in."""
         if self.budget is None or length < self.prompt_len:
             return
-        for st in self.state:
-            for kvh in range(len(st.alive[0])):
-                alive = [j for j in range(length) if st.alive[j][kvh]]
+        # What each (layer, kv-head) held before this cut: the candidates.
+        self.held = [
+            [[j for j in range(length) if st.alive[j][kvh]] for kvh in range(len(st.alive[0]))]
+            for st in self.state
+        ]
+        for st, heads in zip(self.state, self.held, strict=True):
+            for kvh, alive in enumerate(heads):
                 excess = len(alive) - self.budget
                 if excess <= 0:
                     continue
                 order = sorted(alive, key=lambda j: (self._priority(st, j, kvh, length), j))
                 for j in order[:excess]:
                     st.alive[j][kvh] = False
+        if self.on_cut is not None:
+            self.on_cut(length)
+
+    def priorities(self, layer: int, kvh: int, length: int) -> dict[int, float]:
+        """At the cut at `length` (from on_cut): the keep-priority of every
+        token (layer, kvh) held before it: the accumulated score, +inf in the
+        recent window (window and streaming: the rule's own order)."""
+        st = self.state[layer]
+        return {j: self._priority(st, j, kvh, length) for j in self.held[layer][kvh]}
+
+    def kept(self, layer: int, kvh: int) -> set[int]:
+        """The tokens (layer, kvh) holds now (after the last cut: its choice)."""
+        st = self.state[layer]
+        return {j for j in range(len(st.alive)) if st.alive[j][kvh]}
+
+    def score(self, layer: int, kvh: int, token: int) -> float:
+        """The token's accumulated h2o / keyformer score in (layer, kvh)."""
+        return self.state[layer].score[token][kvh]
+
+    def adopt(self, layer: int, kvh: int, kept: set[int]) -> None:
+        """At the cut (from on_cut): make (layer, kvh) keep exactly `kept`,
+        which must be among what it held before the cut."""
+        held = set(self.held[layer][kvh])
+        if not kept <= held:
+            raise ValueError(f"adopt(): {sorted(kept - held)} were not held")
+        st = self.state[layer]
+        for j in held:
+            st.alive[j][kvh] = j in kept
 
     def _priority(self, st: DenseLayer, j: int, kvh: int, length: int) -> float:
         s = self.settings
