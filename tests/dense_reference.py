@@ -8,6 +8,7 @@ with plain loops. The engine must produce exactly this reference's tokens.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,18 @@ class DenseReference:
         self.settings = settings
         self.layers = model.attention_layers()
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        budgets: Mapping[int, int] | None = None,
+    ) -> list[int]:
+        """The request's output tokens. `budgets` is a budget schedule,
+        {logical length: budget}: once the sequence reaches that length (after
+        that step's own cut) it is cut to the new budget and keeps it from
+        then on, as a squeeze under memory pressure does (a Request's
+        `squeezes` are such pairs)."""
+        schedule = dict(budgets or {})
         n = len(prompt)
         self.state = [DenseLayer() for _ in self.layers]
         self.prompt_len, self.max_tokens = n, params.max_tokens
@@ -55,6 +67,9 @@ class DenseReference:
                 logits = self._forward(tokens, pos)
                 self._evict(pos + len(tokens))
                 pos += len(tokens)
+                if pos in schedule:
+                    self.budget = schedule[pos]
+                    self._evict(pos)
                 row = SamplingRow(params, gen, prompt, out, frozenset())
                 token = sample(logits, [row])[0].token_id
                 out.append(token)
