@@ -3,13 +3,14 @@
 from engine.config import EngineConfig
 from engine.runtime.llm import LLM
 from engine.runtime.llm_engine import LLMEngine
-from engine.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.runtime.outputs import CompletionOutput, KVUsage, RequestMetrics, RequestOutput
 from engine.runtime.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
     "CompletionOutput",
     "EngineConfig",
+    "KVUsage",
     "LLMEngine",
     "RequestMetrics",
     "RequestOutput",

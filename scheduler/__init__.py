@@ -4,6 +4,7 @@ The scheduler knows block counts (through `kv_manager`), never tensors.
 """
 
 from scheduler.output import ScheduledChunk, SchedulerOutput, SlotCut
+from scheduler.pressure import Squeezer
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -15,4 +16,5 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "SlotCut",
+    "Squeezer",
 ]

@@ -69,11 +69,23 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+        # Budget cuts made while the pool was full (kv_pressure squeeze), in
+        # order: (logical length at the cut, the budget after it). A squeezed
+        # budget is never raised again: the keys it cut are gone for good.
+        self.squeezes: list[tuple[int, int]] = []
 
     @property
     def slot_budget(self) -> int | None:
-        """Slots the sequence is cut back to by eviction; None: it never evicts."""
+        """Slots the sequence is cut back to by eviction, squeezed or not;
+        None: it never evicts."""
+        if self.squeezes:
+            return self.squeezes[-1][1]
         return None if self.kv is None else self.kv.budget
+
+    @property
+    def squeezed_budget(self) -> int | None:
+        """The budget squeezes left, or None if it was never squeezed."""
+        return self.squeezes[-1][1] if self.squeezes else None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from kv_manager import KVCacheManager
 from kv_manager.manager import blocks_for
 from scheduler.output import ScheduledChunk, SchedulerOutput, SlotCut
+from scheduler.pressure import PressureValve, Squeezer, squeezable
 from scheduler.request import Request, RequestStatus
 
 
@@ -31,18 +32,25 @@ class Scheduler:
     oldest first), then waiting requests in arrival order while the token
     budget, `max_num_seqs` and the block pool allow. When a running request
     cannot get a block, the newest running request is preempted: its blocks
-    are freed and it is recomputed later from its tokens so far.
+    are freed and it is recomputed later from its tokens so far. With a
+    `squeezer`, running sequences that allow it (kv_pressure squeeze) are
+    squeezed first (scheduler/pressure.py).
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, squeezer: Squeezer | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.valve = None if squeezer is None else PressureValve(kv, squeezer, self._squeezed)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_tokens_evicted = 0  # slots dropped by eviction (per sequence)
         self.num_blocks_freed_by_eviction = 0
+        self.num_squeezes = 0
+        self.num_tokens_evicted_by_squeeze = 0  # also counted in num_tokens_evicted
 
     # -- queue operations ----------------------------------------------------
 
@@ -99,12 +107,44 @@ class Scheduler:
         """Pick this step's chunks and reserve their KV slots."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        squeezed = self._squeeze_or_preempt(out, budget)
         budget = self._schedule_running(out, budget)
-        # NOTE: after a preemption, memory is short: admitting new work now
-        # would only preempt it again next step.
-        if not out.preempted:
+        # NOTE: after a preemption or a squeeze, memory is short: admitting new
+        # work now would only preempt or squeeze again next step.
+        if not out.preempted and not squeezed:
             self._schedule_waiting(out, budget)
         return out
+
+    def _squeeze_or_preempt(self, out: SchedulerOutput, budget: int) -> bool:
+        """Make room for the running set by squeezing (scheduler/pressure.py)
+        where squeezing covers the shortage, else preempt the newest and
+        plan again; True if anything was squeezed. Without a sequence that
+        allows squeezing, `_schedule_running` preempts as it always has."""
+        if self.valve is None or not any(squeezable(r) for r in self.running):
+            return False
+        chosen: list = []
+        while self.running:
+            chosen, short = self.valve.choose(self._running_plan(budget))
+            if short <= 0:
+                break
+            # NOTE: squeezes that cannot spare a preemption are not made: a
+            # preemption frees more than they would, and may make them moot.
+            chosen = []
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+        self.valve.squeeze(chosen)
+        return bool(chosen)
+
+    def _running_plan(self, budget: int) -> list[tuple[Request, int]]:
+        """Each running request and the tokens `_schedule_running` gives it
+        this step (0 past the token budget), before anything is reserved."""
+        plan = []
+        for request in self.running:
+            n = max(0, min(request.num_tokens - request.num_computed_tokens, budget))
+            plan.append((request, n))
+            budget -= n
+        return plan
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
@@ -116,6 +156,14 @@ class Scheduler:
             budget -= n
             i += 1
         return budget
+
+    def _squeezed(self, request: Request, cut: SlotCut) -> None:
+        """Record a squeeze the engine made and free the blocks past it."""
+        before = self.kv.num_slots(request.request_id)
+        self.apply_evictions([cut])
+        request.squeezes.append((request.num_computed_tokens, cut.num_slots))
+        self.num_squeezes += 1
+        self.num_tokens_evicted_by_squeeze += before - cut.num_slots
 
     def _reserve_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
         """Reserve `n` slots for a running request, preempting the newest as needed."""

@@ -38,6 +38,14 @@ _ENGINE_COUNTERS = {
         "KV blocks returned to the pool by eviction.",
     ),
     "preemptions": ("keyserve:num_preemptions", "Requests preempted for lack of KV blocks."),
+    "squeezes": (
+        "keyserve:num_squeezes",
+        "Budget cuts of running sequences for lack of KV blocks (kv_pressure squeeze).",
+    ),
+    "tokens_evicted_by_squeeze": (
+        "keyserve:tokens_evicted_by_squeeze",
+        "KV tokens evicted by squeezes (also counted in tokens_evicted).",
+    ),
 }
 
 

@@ -4,12 +4,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
-from engine import RequestOutput, SamplingParams
+from engine import KVUsage, RequestOutput, SamplingParams
 from engine.runtime.llm_engine import PromptType
 from kv_manager.policies import KV_POLICY_FIELDS
 from server.async_engine import EngineRequest
 from server.errors import BadRequestError, ModelNotFoundError, bad_request_from
-from server.protocol import SamplingFields, UsageInfo
+from server.protocol import KVCacheDetails, SamplingFields, UsageInfo
 
 # ASCII digits only: int() would also take "١٢", " 12" and "1_2".
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -112,7 +112,21 @@ def usage_of(outputs: Sequence[RequestOutput], n: int) -> UsageInfo:
     prompt = sum(len(out.prompt_token_ids) for out in outputs[::n])
     completion = sum(len(out.outputs[0].token_ids) for out in outputs)
     return UsageInfo(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        kv_cache_details=_kv_details(KVUsage.merge([out.kv for out in outputs])),
+    )
+
+
+def _kv_details(kv: KVUsage | None) -> KVCacheDetails | None:
+    if kv is None:
+        return None
+    return KVCacheDetails(
+        policy=kv.policy,
+        budget_tokens=kv.budget,
+        squeezed=kv.squeezed_budget is not None,
+        squeezed_budget_tokens=kv.squeezed_budget,
     )
 
 

@@ -95,10 +95,25 @@ SamplingFields = create_model(
 )
 
 
+class KVCacheDetails(BaseModel):
+    """keyserve's part of the usage block, shaped as OpenAI's
+    prompt_tokens_details: what the KV policy did with the request's cache.
+    Over several sequences (n > 1, several prompts): the smallest budgets."""
+
+    policy: str
+    # Tokens each sequence keeps; null: the policy (full) keeps every token.
+    budget_tokens: int | None = None
+    # Whether a full pool squeezed a sequence below its budget (kv_pressure
+    # squeeze), and the budget it was left with (null: never squeezed).
+    squeezed: bool = False
+    squeezed_budget_tokens: int | None = None
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    kv_cache_details: KVCacheDetails | None = None
 
 
 def _now() -> int:

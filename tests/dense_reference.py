@@ -15,7 +15,7 @@ which may compare it with the engine's and `adopt` the engine's choice.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,10 +47,19 @@ class DenseReference:
         self.on_cut: Callable[[int], None] | None = None
 
     def generate(
-        self, prompt: list[int], params: SamplingParams, follow: Sequence[int] | None = None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        budgets: Mapping[int, int] | None = None,
+        follow: Sequence[int] | None = None,
     ) -> list[int]:
-        """The generated tokens; with `follow`, those tokens are fed back in
-        place of the sampled ones (and returned)."""
+        """The request's output tokens. `budgets` is a budget schedule,
+        {logical length: budget}: once the sequence reaches that length (after
+        that step's own cut) it is cut to the new budget and keeps it from
+        then on, as a squeeze under memory pressure does (a Request's
+        `squeezes` are such pairs). With `follow`, those tokens are fed back
+        in place of the sampled ones (and returned)."""
+        schedule = dict(budgets or {})
         n = len(prompt)
         self.state = [DenseLayer() for _ in self.layers]
         self.prompt_len, self.max_tokens = n, params.max_tokens
@@ -70,6 +79,9 @@ class DenseReference:
                 logits = self._forward(tokens, pos)
                 self._evict(pos + len(tokens))
                 pos += len(tokens)
+                if pos in schedule:
+                    self.budget = schedule[pos]
+                    self._evict(pos)
                 row = SamplingRow(params, gen, prompt, out, frozenset())
                 token = sample(logits, [row])[0].token_id if follow is None else follow[len(out)]
                 out.append(token)

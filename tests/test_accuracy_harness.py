@@ -232,3 +232,16 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
     assert all(0.0 <= float(r["mean"]) <= 1.0 for r in rows)
     full = [r for r in rows if r["policy"] == "full" and r["task"] == "summarization"]
     assert full and all(float(r["mean"]) == 1.0 for r in full)
+
+
+def test_kv_pressure_and_floor_reach_the_evicting_runs_only() -> None:
+    from bench.accuracy import runner
+
+    item = Item("summarization", "lee", "0", "text", 8)
+    kv = runner.KVOptions("squeeze", 64)
+    p = runner.params(item, 0, "h2o", 0.3, kv)
+    assert (p.kv_pressure, p.kv_min_tokens, p.kv_ratio) == ("squeeze", 64, 0.3)
+    full = runner.params(item, 0, "full", 1.0, kv)
+    assert (full.kv_pressure, full.kv_min_tokens) == (None, None)
+    args = cli.parse_args(["--kv-pressure", "squeeze", "--kv-min-tokens", "64"])
+    assert (args.kv_pressure, args.kv_min_tokens, args.kv_cache_blocks) == ("squeeze", 64, None)

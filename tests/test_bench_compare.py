@@ -104,6 +104,19 @@ def test_keyserve_command_is_a_valid_serve_invocation():
     assert server.url == "http://127.0.0.1:8400"
 
 
+def test_kv_pressure_starts_a_server_per_value_with_its_floor():
+    args = parse_args(["--kv-pressure", "preempt", "squeeze", "--kv-min-tokens", "64"])
+    assert args.kv_pressure == ["preempt", "squeeze"]
+    preempt = keyserve_server("keyformer", args, 8400)
+    squeeze = keyserve_server("keyformer", args, 8401, "squeeze")
+    assert (preempt.label, squeeze.label) == ("keyserve-keyformer", "keyserve-keyformer-squeeze")
+    for server, pressure in ((preempt, "preempt"), (squeeze, "squeeze")):
+        serve_args = server.command[server.command.index("serve") :]
+        config = serve_config(build_parser().parse_args(serve_args))
+        assert (config.kv_pressure, config.kv_min_tokens) == (pressure, 64)
+    assert "--kv-min-tokens" not in keyserve_server("full", parse_args([]), 8401).command
+
+
 def test_vllm_gets_every_core_and_the_same_kv_size(monkeypatch):
     args = parse_args(["--kv-cache-gib", "2"])
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 8)

@@ -62,6 +62,10 @@ def test_fixed_concurrency(live_server, fixed_run):
     assert 0 < r["peak_kv_usage"] <= 1
     assert server["metrics_polls"] >= 2 and server["metrics_errors"] == 0
     assert server["polled_peak_running"] <= CONCURRENCY
+    # The counters' rise over the run, and the usage's KV details per request.
+    assert (r["preemptions"], r["squeezes"], r["squeezed_requests"]) == (0, 0, 0)
+    assert server["counters"]["tokens_evicted_by_squeeze"] == 0
+    assert [q["kv_squeezed"] for q in r["requests"]] == [False] * NUM
     wait_pool_whole(live_server)
     assert live_server.engine.kv.num_used_blocks == 0
 
@@ -108,3 +112,31 @@ def test_failures_counted_and_rendered(live_server, fixed_run, tmp_path):
     json_path, md_path = write_results(fixed_run, tmp_path)
     assert json.loads(json_path.read_text())["total_output_tokens"] == NUM * OUTPUT_TOKENS
     assert lines[2] in md_path.read_text()
+
+
+def test_kv_pressure_flag_goes_into_every_body():
+    from bench.serve.__main__ import parse_args
+
+    args = parse_args(["--model", "m", "--rate", "2", "--kv-pressure", "squeeze"])
+    assert args.extra_body == {"kv_pressure": "squeeze"}
+    args = parse_args(
+        [
+            "--model",
+            "m",
+            "--rate",
+            "2",
+            "--extra-body",
+            '{"kv_ratio": 0.3}',
+            "--kv-pressure",
+            "preempt",
+        ]
+    )
+    assert args.extra_body == {"kv_ratio": 0.3, "kv_pressure": "preempt"}
+
+
+def test_a_mixed_load_spreads_its_full_requests_evenly():
+    from bench.serve.runner import is_full
+
+    assert [is_full(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
+    assert sum(is_full(i, 0.5) for i in range(100)) == 50
+    assert not any(is_full(i, 0.0) for i in range(10)) and all(is_full(i, 1.0) for i in range(10))

@@ -271,6 +271,7 @@ def test_dashboard_panels_cover_the_issue():
         "rate(keyserve:tokens_evicted_total",
         "rate(keyserve:blocks_freed_by_eviction_total",
         "rate(keyserve:num_preemptions_total",
+        "rate(keyserve:num_squeezes_total",
     ):
         assert name in exprs, name
     ids = [p["id"] for p in board["panels"]]

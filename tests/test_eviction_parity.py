@@ -60,13 +60,14 @@ class InvariantChecker:
         kv, cache = engine.kv, engine.runner.cache
         assert kv.pool.num_free + kv.num_blocks_held() == kv.num_total_blocks
         for req in engine.scheduler.running:
-            rid, seq = req.request_id, req.kv
+            rid, seq, budget = req.request_id, req.kv, req.slot_budget
             n_slots = kv.num_slots(rid)
             length = req.num_computed_tokens
-            if seq.budget is not None and length >= req.num_prompt_tokens:
-                # Exactly the budget in every layer and head (one count for all).
-                assert n_slots == min(length, seq.budget)
-                self.evicted_somewhere |= length > seq.budget
+            if budget is not None and length >= req.num_prompt_tokens:
+                # Exactly the budget (squeezed or not) in every layer and head
+                # (one count for all).
+                assert n_slots == min(length, budget)
+                self.evicted_somewhere |= length > budget
             elif req.num_preemptions == 0:
                 assert n_slots == length
             _, positions = cache.read_slot_state(kv.block_table(rid), n_slots)
@@ -74,11 +75,11 @@ class InvariantChecker:
 
     def _check_positions(self, req, seq, positions, length) -> None:
         prev = self.seen.get(req.request_id)
-        window = 0
-        if seq.budget is not None and seq.settings.kv_policy in ("h2o", "keyformer"):
-            window = seq.settings.recent_window(seq.budget)
-        if seq.settings.kv_policy == "window" and seq.budget is not None:
-            window = min(length, seq.budget)
+        window, budget = 0, req.slot_budget
+        if budget is not None and seq.settings.kv_policy in ("h2o", "keyformer"):
+            window = seq.settings.recent_window(budget)
+        if seq.settings.kv_policy == "window" and budget is not None:
+            window = min(length, budget)
         now = []
         for layer, heads in enumerate(positions):
             row = []

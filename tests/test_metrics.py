@@ -17,6 +17,8 @@ FAMILIES = {
     "keyserve:tokens_evicted": "counter",
     "keyserve:blocks_freed_by_eviction": "counter",
     "keyserve:num_preemptions": "counter",
+    "keyserve:num_squeezes": "counter",
+    "keyserve:tokens_evicted_by_squeeze": "counter",
     "keyserve:prompt_tokens": "counter",
     "keyserve:generation_tokens": "counter",
     "keyserve:request_success": "counter",
@@ -57,12 +59,16 @@ def test_engine_counters_advance_by_what_moved():
         "preemptions": 1,
         "tokens_evicted": 40,
         "blocks_freed_by_eviction": 2,
+        "squeezes": 3,
+        "tokens_evicted_by_squeeze": 12,
     }
     m.record_engine_stats(stats)
-    m.record_engine_stats({**stats, "tokens_evicted": 50, "kv_blocks_used": 0})
+    m.record_engine_stats({**stats, "tokens_evicted": 50, "squeezes": 4, "kv_blocks_used": 0})
     samples = scrape(m.render()[0].decode())
     assert value(samples, "keyserve:tokens_evicted_total") == 50
     assert value(samples, "keyserve:num_preemptions_total") == 1
+    assert value(samples, "keyserve:num_squeezes_total") == 4
+    assert value(samples, "keyserve:tokens_evicted_by_squeeze_total") == 12
     assert value(samples, "keyserve:kv_blocks_used") == 0
     assert value(samples, "keyserve:kv_cache_usage_perc") == 0
     assert value(samples, "keyserve:num_requests_waiting") == 1

@@ -62,6 +62,7 @@ def test_kv_fields_reach_sampling_params(model, base):
         "sink_tokens": 2,
         "tau_init": 0.5,
         "tau_end": 3.0,
+        "kv_pressure": "squeeze",
     }
     assert set(kv) == set(KV_POLICY_FIELDS)
     request = model.model_validate({**base, **kv})

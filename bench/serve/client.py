@@ -25,6 +25,9 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # chunks that carried text
     completion_tokens: int | None = None  # from the usage chunk
     usage_prompt_tokens: int | None = None
+    # keyserve's usage.kv_cache_details (None from a server without it).
+    kv_squeezed: bool | None = None
+    kv_squeezed_budget: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,6 +70,8 @@ class RequestRecord:
             "ttft_ms": None if self.ttft is None else self.ttft * ms,
             "tpot_ms": None if self.tpot is None else self.tpot * ms,
             "latency_ms": (self.finish_time - self.send_time) * ms,
+            "kv_squeezed": self.kv_squeezed,
+            "kv_squeezed_budget": self.kv_squeezed_budget,
         }
 
 
@@ -139,6 +144,10 @@ def _take_event(event: dict[str, Any], arrived: float, record: RequestRecord) ->
     if usage:
         record.completion_tokens = usage.get("completion_tokens", record.completion_tokens)
         record.usage_prompt_tokens = usage.get("prompt_tokens", record.usage_prompt_tokens)
+        kv = usage.get("kv_cache_details")
+        if kv:
+            record.kv_squeezed = kv.get("squeezed")
+            record.kv_squeezed_budget = kv.get("squeezed_budget_tokens")
 
 
 def _short(text: str, limit: int = 300) -> str:

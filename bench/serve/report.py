@@ -23,6 +23,10 @@ COLUMNS: list[tuple[str, Callable[[Result], str]]] = [
     ("ITL p99 (ms)", lambda r: _num(r["itl_ms"]["p99"], 1)),
     ("peak running", lambda r: _num(r["peak_running"], 0)),
     ("peak KV usage", lambda r: _percent(r["peak_kv_usage"])),
+    # Older results have no counters: n/a.
+    ("preemptions", lambda r: _num(r.get("preemptions"), 0)),
+    ("squeezes", lambda r: _num(r.get("squeezes"), 0)),
+    ("squeezed req", lambda r: _num(r.get("squeezed_requests"), 0)),
 ]
 
 

@@ -30,6 +30,7 @@ async def run_load(
     concurrency: int | None = None,
     rate: float | None = None,
     extra_body: dict[str, Any] | None = None,
+    full_share: float = 0.0,
     tokenizer: str | Path | None = None,
     seed: int = 0,
     name: str = "run",
@@ -55,6 +56,7 @@ async def run_load(
         "concurrency": concurrency,
         "rate": rate,
         "extra_body": extra_body,
+        "full_share": full_share,
         "tokenizer": tokenizer_dir,
         "seed": seed,
         "metrics_interval": metrics_interval,
@@ -62,7 +64,10 @@ async def run_load(
     # Tokenized before the clock starts: only the server is timed.
     prompts = prompt_windows(num_requests, prompt_tokens, seed, tokenizer_dir)
     records = [RequestRecord(i, len(p)) for i, p in enumerate(prompts)]
-    bodies = [request_body(model, p, output_tokens, extra_body) for p in prompts]
+    bodies = [
+        request_body(model, p, output_tokens, _extra_of(i, extra_body, full_share))
+        for i, p in enumerate(prompts)
+    ]
     async with _client(url, api_key) as http:
         poller = MetricsPoller(http, metrics_interval)
         start_samples = await poller.fetch()
@@ -76,6 +81,19 @@ async def run_load(
                 await _dispatch(send, num_requests, concurrency, rate, seed)
         end_samples = await poller.fetch()
     return _result(name, settings, records, server_summary(poller, start_samples, end_samples))
+
+
+def is_full(index: int, share: float) -> bool:
+    """Whether request `index` of a mixed load keeps its whole cache: spread
+    evenly, `share` of the requests (request i when floor((i+1) * share) steps up)."""
+    return int((index + 1) * share) > int(index * share)
+
+
+def _extra_of(index: int, extra: dict[str, Any] | None, full_share: float) -> dict[str, Any] | None:
+    """A mixed load's full requests send kv_policy full over the extra body's."""
+    if not is_full(index, full_share):
+        return extra
+    return {**(extra or {}), "kv_policy": "full"}
 
 
 def _check_mode(concurrency: int | None, rate: float | None) -> None:
@@ -184,6 +202,8 @@ def _result(
         **summarize(records),
         "peak_running": server["peak_running"],
         "peak_kv_usage": server["peak_kv_usage"],
+        "preemptions": server["counters"]["preemptions"],
+        "squeezes": server["counters"]["squeezes"],
         "server_metrics": server,
         "requests": [r.summary() for r in records],
     }

@@ -20,6 +20,13 @@ KV_USAGE = ("keyserve:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", "vllm:gp
 KEYSERVE_PEAK_RUNNING = "keyserve:num_requests_running_peak"
 KEYSERVE_PEAK_BLOCKS = "keyserve:kv_blocks_used_peak"
 KEYSERVE_BLOCKS_TOTAL = "keyserve:kv_blocks_total"
+# Counters read as the run starts and ends: the run's own count is the rise
+# (first match wins; vLLM has no squeezes).
+COUNTERS = {
+    "preemptions": ("keyserve:num_preemptions_total", "vllm:num_preemptions_total"),
+    "squeezes": ("keyserve:num_squeezes_total",),
+    "tokens_evicted_by_squeeze": ("keyserve:tokens_evicted_by_squeeze_total",),
+}
 
 
 def parse_metrics(text: str) -> dict[str, list[float]]:
@@ -112,6 +119,17 @@ def keyserve_peaks(samples: dict[str, list[float]] | None) -> dict[str, float | 
     }
 
 
+def counter_rises(
+    start: dict[str, list[float]] | None, end: dict[str, list[float]] | None
+) -> dict[str, float | None]:
+    """Each COUNTERS entry's rise over the run; None where the server has no such counter."""
+    rises: dict[str, float | None] = {}
+    for key, names in COUNTERS.items():
+        before, after = _first(start or {}, names), _first(end or {}, names)
+        rises[key] = None if after is None else sum(after) - sum(before or [0.0])
+    return rises
+
+
 def server_summary(
     poller: MetricsPoller, start: dict[str, list[float]] | None, end: dict[str, list[float]] | None
 ) -> dict[str, Any]:
@@ -132,6 +150,7 @@ def server_summary(
         "polled_peak_kv_usage": poller.peak_kv_usage,
         "keyserve_peaks": exact_end if exact_end["peak_running"] is not None else None,
         "keyserve_peaks_at_start": exact_start if exact_start["peak_running"] is not None else None,
+        "counters": counter_rises(start, end),
         "metrics_polls": poller.polls,
         "metrics_errors": poller.errors,
         "metrics_missing": poller.missing,

@@ -46,7 +46,14 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "ttft_ms": distribution_ms([r.ttft for r in done if r.ttft is not None]),
         "tpot_ms": distribution_ms([r.tpot for r in done if r.tpot is not None]),
         "itl_ms": distribution_ms([gap for r in done for gap in r.itls]),
+        # keyserve's usage says which were squeezed; None from other servers.
+        "squeezed_requests": _count_squeezed(done),
     }
+
+
+def _count_squeezed(done: Sequence[RequestRecord]) -> int | None:
+    known = [r.kv_squeezed for r in done if r.kv_squeezed is not None]
+    return sum(known) if known else None
 
 
 def _duration(records: Sequence[RequestRecord]) -> float:

@@ -1,6 +1,8 @@
 """After each step, choose what every evicting sequence keeps and move it into
 the sequence's first slots; the scheduler then frees the blocks past them
-(`Scheduler.apply_evictions`), before it builds the next batch."""
+(`Scheduler.apply_evictions`), before it builds the next batch. Under memory
+pressure the scheduler also asks it to squeeze a sequence below its budget
+(scheduler/pressure.py: it is the scheduler's `Squeezer`)."""
 
 import torch
 
@@ -35,11 +37,33 @@ class Evictor:
         cuts = []
         if one_over:
             self._drop_one_each(one_over)
-            cuts += [SlotCut(r.request_id, r.kv.budget) for r in one_over]
+            cuts += [SlotCut(r.request_id, r.slot_budget) for r in one_over]
         for request in others:
-            self._evict_one(request)
-            cuts.append(SlotCut(request.request_id, request.kv.budget))
+            cuts.append(self.cut(request, request.slot_budget))
         return cuts
+
+    def cut(self, request: Request, budget: int) -> SlotCut:
+        """Cut one sequence to `budget` slots now, its policy choosing the
+        victims at its current length."""
+        rid = request.request_id
+        scores, positions = self._slot_state(request)
+        victims = self._victims(request, budget, scores, positions)
+        self.cache.compact(self.kv.block_table(rid), victims, self.kv.num_slots(rid))
+        return SlotCut(rid, budget)
+
+    def lost_score(self, request: Request, budget: int) -> float:
+        """The share of the sequence's cached score that cutting it to `budget`
+        now would evict; for the position-only policies, the share of its keys.
+        NOTE: one host sync per call; it runs only when the pool is full."""
+        if not request.kv.scores_keys:
+            num_slots = self.kv.num_slots(request.request_id)
+            return (num_slots - budget) / num_slots
+        scores, positions = self._slot_state(request)
+        total = float(scores.sum())
+        if total <= 0:
+            return 0.0
+        victims = self._victims(request, budget, scores, positions)
+        return float(scores.gather(-1, victims).sum()) / total
 
     def _excess(self, request: Request) -> int:
         budget = request.slot_budget
@@ -52,18 +76,20 @@ class Evictor:
             return 0
         return max(0, self.kv.num_slots(request.request_id) - budget)
 
-    def _evict_one(self, request: Request) -> None:
+    def _slot_state(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence's scores and positions, each [L, Hkv, slots]."""
+        rid = request.request_id
+        return self.cache.read_slot_state(self.kv.block_table(rid), self.kv.num_slots(rid))
+
+    @staticmethod
+    def _victims(
+        request: Request, budget: int, scores: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The slots [L, Hkv, slots - budget] the policy drops to keep `budget`."""
         seq: SequencePolicy = request.kv
-        num_slots = self.kv.num_slots(request.request_id)
-        blocks = self.kv.block_table(request.request_id)
-        scores, positions = self.cache.read_slot_state(blocks, num_slots)
-        victims = seq.policy.select_victims(
-            scores if seq.scores_keys else None,
-            positions,
-            seq.budget,
-            request.num_computed_tokens,
+        return seq.policy.select_victims(
+            scores if seq.scores_keys else None, positions, budget, request.num_computed_tokens
         )
-        self.cache.compact(blocks, victims, num_slots)
 
     def _drop_one_each(self, requests: list[Request]) -> None:
         """One victim per (sequence, layer, head): the lowest keep-priority,
@@ -103,7 +129,7 @@ class Evictor:
             priority = torch.stack(
                 [
                     r.kv.policy.keep_priority(
-                        scores[i], positions[i], r.kv.budget, r.num_computed_tokens
+                        scores[i], positions[i], r.slot_budget, r.num_computed_tokens
                     )
                     for i, r in enumerate(requests)
                 ]
@@ -135,4 +161,4 @@ def _recent_starts(requests: list[Request]) -> list[int] | None:
     +inf from it on); None for any other mix."""
     if not all(isinstance(r.kv.policy, HeavyHitterPolicy) for r in requests):
         return None
-    return [r.kv.policy.recent_start(r.kv.budget, r.num_computed_tokens) for r in requests]
+    return [r.kv.policy.recent_start(r.slot_budget, r.num_computed_tokens) for r in requests]

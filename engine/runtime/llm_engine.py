@@ -53,13 +53,16 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len(num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
-        )
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.dtype, self.device
         )
         self.evictor = Evictor(self.runner.cache, self.kv)
+        # The evictor also squeezes sequences for the scheduler when the pool is full.
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            self.kv,
+            squeezer=self.evictor,
+        )
         backends = sorted({a.backend.name for a in self.model.attention_layers()})
         logger.info("attention backend: %s (%s, %s)", "/".join(backends), self.device, self.dtype)
         # Decode graphs need every kernel of a step capturable and free of host
@@ -304,6 +307,8 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "tokens_evicted": self.scheduler.num_tokens_evicted,
             "blocks_freed_by_eviction": self.scheduler.num_blocks_freed_by_eviction,
+            "squeezes": self.scheduler.num_squeezes,
+            "tokens_evicted_by_squeeze": self.scheduler.num_tokens_evicted_by_squeeze,
         }
 
 

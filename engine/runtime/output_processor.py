@@ -8,6 +8,7 @@ from engine.loading.tokenizer import Tokenizer
 from engine.runtime.detokenizer import IncrementalDetokenizer, find_stop
 from engine.runtime.outputs import (
     CompletionOutput,
+    KVUsage,
     Logprob,
     PromptLogprobs,
     RequestMetrics,
@@ -147,6 +148,18 @@ def make_output(request: Request, state: RequestState) -> RequestOutput:
         metrics,
         # Not copied: complete and never written again once a token is out.
         prompt_logprobs=state.prompt_logprobs,
+        kv=_kv_usage(request),
+    )
+
+
+def _kv_usage(request: Request) -> KVUsage | None:
+    if request.kv is None:
+        return None
+    return KVUsage(
+        request.kv.settings.kv_policy,
+        request.kv.budget,
+        request.squeezed_budget,
+        len(request.squeezes),
     )
 
 

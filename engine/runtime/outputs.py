@@ -54,6 +54,35 @@ class RequestMetrics:
         return self.first_scheduled_time - self.arrival_time
 
 
+@dataclass(frozen=True)
+class KVUsage:
+    """What the KV policy did with a request's cache (the HTTP usage block's
+    kv_cache_details)."""
+
+    policy: str
+    budget: int | None  # slots the policy keeps; None: it keeps every token
+    # The budget squeezes left it (kv_pressure squeeze); None: never squeezed.
+    squeezed_budget: int | None = None
+    num_squeezes: int = 0
+
+    @staticmethod
+    def merge(usages: "list[KVUsage | None]") -> "KVUsage | None":
+        """One usage for several sequences of one request (n > 1, or several
+        prompts): the smallest budget, the lowest budget a squeeze left, and
+        all their squeezes."""
+        known = [u for u in usages if u is not None]
+        if not known:
+            return None
+        budgets = [u.budget for u in known if u.budget is not None]
+        squeezed = [u.squeezed_budget for u in known if u.squeezed_budget is not None]
+        return KVUsage(
+            known[0].policy,
+            min(budgets, default=None),
+            min(squeezed, default=None),
+            sum(u.num_squeezes for u in known),
+        )
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -64,3 +93,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # With SamplingParams(prompt_logprobs=N); None otherwise.
     prompt_logprobs: PromptLogprobs | None = None
+    kv: KVUsage | None = None

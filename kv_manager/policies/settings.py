@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar, get_args
 
 POLICY_NAMES = ("full", "window", "streaming", "h2o", "keyformer")
+# What a running sequence gives up when the KV pool is full (kv_pressure).
+PRESSURE_NAMES = ("preempt", "squeeze")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ class KVPolicySettings:
     )
     tau_end: float = _setting(
         2.0, "keyformer: Gumbel temperature at max_tokens (rising linearly)", gt=0.0
+    )
+    # NOTE: preempt by default: squeezing changes a request's output with the
+    # load beside it, and a vLLM user expects the quality they asked for
+    # unless they ask otherwise; preemption only costs time.
+    kv_pressure: str = _setting(
+        "preempt",
+        "when the KV pool is full: squeeze lowers this evicting sequence's budget "
+        "(never below kv_min_tokens) before anything is preempted; preempt keeps its budget",
+        choices=PRESSURE_NAMES,
     )
 
     def __post_init__(self) -> None:

@@ -1,0 +1,146 @@
+"""Squeeze before preempting (kv_pressure "squeeze").
+
+When the running set needs more new blocks this step than the pool has free,
+the scheduler first lowers the budgets of running evicting sequences that
+allow it, one block at a time, the sequence that loses the least retained
+score first, and cuts them at once so the blocks are free before the batch is
+reserved. It preempts only when nothing is left to squeeze. A sequence is
+never squeezed below its `kv_min_tokens`; `full` sequences never are.
+
+"Retained score lost" is the share of a sequence's cached score (summed over
+its slots, layers and KV heads) that the keys a squeeze would evict hold, so
+sequences of any length compare; for the position-only policies (window,
+streaming), which keep no score, each key counts alike (the share of keys).
+The engine measures it and makes the cut (`Squeezer`): the scheduler knows
+block counts, not the scores in the cache tensors.
+"""
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kv_manager import KVCacheManager
+from kv_manager.manager import blocks_for
+from scheduler.output import SlotCut
+from scheduler.request import Request
+
+
+class Squeezer(Protocol):
+    """The engine's side of a squeeze."""
+
+    def lost_score(self, request: Request, budget: int) -> float:
+        """The share of the sequence's retained score that cutting it to
+        `budget` slots now would evict (0: nothing of worth, 1: all of it)."""
+        ...
+
+    def cut(self, request: Request, budget: int) -> SlotCut:
+        """Cut the sequence to `budget` slots now, as its policy chooses, with
+        what it keeps moved into its first slots; the scheduler frees the rest."""
+        ...
+
+
+def squeezable(request: Request) -> bool:
+    """Whether a running request's budget may be lowered under pressure: an
+    evicting sequence that asked for it, past its first prompt pass (which
+    holds and scores its whole prompt before its first cut)."""
+    kv = request.kv
+    return (
+        kv is not None
+        and request.slot_budget is not None
+        and kv.settings.kv_pressure == "squeeze"
+        and request.num_computed_tokens >= request.num_prompt_tokens
+    )
+
+
+def squeeze_target(
+    request: Request, num_slots: int, new_tokens: int, block_size: int
+) -> int | None:
+    """The budget one squeeze step takes the sequence to: the largest that
+    holds one block fewer at this step's peak (its slots plus the `new_tokens`
+    it computes this step), or None when that is below its floor."""
+    peak_blocks = blocks_for(num_slots + new_tokens, block_size)
+    target = (peak_blocks - 1) * block_size - new_tokens
+    floor = max(request.kv.settings.kv_min_tokens, 1)
+    return target if target >= floor else None
+
+
+@dataclass(order=True)
+class _Step:
+    """One squeeze step of one sequence, ordered by the score it adds to
+    what the sequence loses."""
+
+    lost: float
+    # Among equal losses the newest goes first, as preemption picks the newest.
+    newness: int
+    request: Request = field(compare=False)
+    new_tokens: int = field(compare=False)
+    budget: int = field(compare=False)
+    # What cutting to `budget` loses in all (`lost` is the rise over the step before).
+    lost_in_all: float = field(compare=False)
+
+
+class PressureValve:
+    """Squeezes running sequences until this step's blocks fit, or until
+    nothing is left to squeeze.
+
+    It plans first and cuts after: every step is measured as a cut straight
+    from the sequence's cache as it is, and each squeezed sequence is cut
+    once, to the last budget planned for it. So the budget a sequence has at
+    each step says everything about its cuts (the dense reference takes such
+    a schedule).
+    """
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        squeezer: Squeezer,
+        apply: Callable[[Request, SlotCut], None],
+    ) -> None:
+        self.kv = kv
+        self.squeezer = squeezer
+        # Records the squeeze and frees the blocks past the cut (the scheduler).
+        self.apply = apply
+
+    def choose(self, plan: list[tuple[Request, int]]) -> tuple[list[_Step], int]:
+        """The squeezes that make the plan (each running request and the
+        tokens it computes this step) fit in the pool, cheapest first, one
+        per squeezed sequence (its last step), and the blocks still short
+        after them (> 0: squeezing cannot cover it). Nothing is cut yet."""
+        short = self._blocks_short(plan)
+        if short <= 0:
+            return [], short
+        heap = [self._step(r, n, i, None) for i, (r, n) in enumerate(plan) if squeezable(r)]
+        heap = [s for s in heap if s is not None]
+        heapq.heapify(heap)
+        chosen: dict[str, _Step] = {}
+        # NOTE: each step takes exactly one block off its sequence's peak.
+        while short > 0 and heap:
+            step = heapq.heappop(heap)
+            chosen[step.request.request_id] = step
+            short -= 1
+            following = self._step(step.request, step.new_tokens, -step.newness, step)
+            if following is not None:
+                heapq.heappush(heap, following)
+        return list(chosen.values()), short
+
+    def squeeze(self, chosen: list[_Step]) -> None:
+        """Cut each chosen sequence to its new budget now."""
+        for step in chosen:
+            self.apply(step.request, self.squeezer.cut(step.request, step.budget))
+
+    def _blocks_short(self, plan: list[tuple[Request, int]]) -> int:
+        need = sum(self.kv.blocks_needed(r.request_id, n) for r, n in plan)
+        return need - self.kv.num_free_blocks
+
+    def _step(
+        self, request: Request, new_tokens: int, index: int, before: _Step | None
+    ) -> _Step | None:
+        """The sequence's next squeeze step after `before` (None: its first)."""
+        slots = self.kv.num_slots(request.request_id) if before is None else before.budget
+        budget = squeeze_target(request, slots, new_tokens, self.kv.block_size)
+        if budget is None:
+            return None
+        lost = self.squeezer.lost_score(request, budget)
+        rise = lost - (0.0 if before is None else before.lost_in_all)
+        return _Step(rise, -index, request, new_tokens, budget, lost)
