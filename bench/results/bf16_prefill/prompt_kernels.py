@@ -1,6 +1,5 @@
 """One 512-token prompt's attention for one layer of SmolLM2's shape (9
-query / 3 KV heads, D = 64), through the CPU backend's prompt paths, best of
---repeat, ms:
+query / 3 KV heads, D = 64), through the CPU backend's prompt paths, ms:
 
 - float32 tiled: the C++ tiled kernels on float32 q, k, v;
 - bfloat16 tiled: the same kernels on bfloat16 (prompt_paths.h's choice:
@@ -11,12 +10,14 @@ query / 3 KV heads, D = 64), through the CPU backend's prompt paths, best of
   chunk, the C++ score accumulation).
 
 Plain, and scored as keyformer (Gumbel noise, tau rising over the chunk).
+The variants are timed in turn, --repeat times; min and median, ms.
 
     PYTHONPATH=. python bench/results/bf16_prefill/prompt_kernels.py --threads 2
 """
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -32,14 +33,18 @@ from kv_manager.scoring import gumbel_exp_table, gumbel_table
 HQ, HKV, D, BLOCK = 9, 3, 64, 16
 
 
-def best_ms(fn, repeat: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def interleaved_ms(fns: dict, repeat: int) -> dict[str, dict[str, float]]:
+    """{name: {min, median} ms}, the variants timed in turn `repeat` times
+    (a shared machine's load then weighs on each alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()}
 
 
 def inputs(n: int, dtype: torch.dtype):
@@ -93,18 +98,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, results = args.tokens, {}
     for mode, span in (("plain", None), ("scored", scored_span(n))):
         f32, bf16 = inputs(n, torch.float32), inputs(n, torch.bfloat16)
-        results[mode] = {
-            "float32 tiled": best_ms(tiled(*f32, span), args.repeat),
-            "bfloat16 tiled": best_ms(tiled(*bf16, span), args.repeat),
-            "bfloat16 fallback": best_ms(fallback(*bf16, span), args.repeat),
-        }
-        print(mode, {k: round(v, 3) for k, v in results[mode].items()}, flush=True)
+        results[mode] = interleaved_ms(
+            {
+                "float32 tiled": tiled(*f32, span),
+                "bfloat16 tiled": tiled(*bf16, span),
+                "bfloat16 fallback": fallback(*bf16, span),
+            },
+            args.repeat,
+        )
+        for name, ms in results[mode].items():
+            print(f"{mode}, {name}: min {ms['min']:.2f} ms, median {ms['median']:.2f} ms")
     print(json.dumps({"threads": args.threads, "tokens": n, "ms": results}))
 
 
