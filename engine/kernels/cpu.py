@@ -35,7 +35,14 @@ SOURCES = [
 # Part of the cache key.
 HEADERS = [
     Path(__file__).parent / "csrc" / name
-    for name in ("vector_math.h", "bf16.h", "prompt_tiles.h", "eviction_scores.h")
+    for name in (
+        "vector_math.h",
+        "bf16.h",
+        "prompt_tiles.h",
+        "prompt_tiles_bf16.h",
+        "prompt_paths.h",
+        "eviction_scores.h",
+    )
 ]
 DISABLE_ENV = "KEYSERVE_DISABLE_CPU_KERNELS"  # set to 1: always the torch path
 CACHE_ENV = "KEYSERVE_KERNEL_CACHE"

@@ -3,9 +3,10 @@
 Chosen for CPU caches of models without ALiBi or a sliding window, where the
 kernels built. In float32 and bfloat16 the cache write is one op, and decode
 reads K/V in place (float32 arithmetic either way) and adds its scores into
-the cache slots in the same library. In float32 a prompt of head size 64 or
-128 runs one tiled pass that gives the output and the scores from one exp.
-Other dtypes, and other prompts, keep torch's attention with the C++ score
+the cache slots in the same library. A prompt of head size 64 or 128 runs
+one tiled pass that gives the output and the scores from one exp, in
+float32 or bfloat16 (float32 logits, softmax and scores either way). Other
+dtypes, and other head sizes, keep torch's attention with the C++ score
 accumulation.
 """
 
@@ -35,8 +36,7 @@ class CpuBackend(TorchBackend):
         self.ops = kernels.ops()
         self.dtype = cache.k.dtype
         self.in_place = self.dtype in KERNEL_DTYPES  # decode and write in C++
-        float32 = self.dtype == torch.float32
-        self.tiled_prompt = float32 and geometry.head_dim in TILED_HEAD_DIMS
+        self.tiled_prompt = self.in_place and geometry.head_dim in TILED_HEAD_DIMS
 
     # -- cache write ---------------------------------------------------------
 
@@ -111,14 +111,16 @@ class CpuBackend(TorchBackend):
         index: int,
     ) -> torch.Tensor:
         k, v = span_keys(self.cache, k, v, span)
+        # The tiled kernels take q, k, v of the cache's dtype (float32 or bfloat16).
+        tiled = self.tiled_prompt and all(t.dtype == self.dtype for t in (q, k, v))
         if span.score is None:
-            if not self.tiled_prompt:
+            if not tiled:
                 return self.attend_prompt(q, k, v, None, span, ctx, index)
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             self.ops.prefill_attention(out=out, q=q, k=k, v=v, scale=self.geo.scale)
             return out
         k_pos = span_key_positions(self.cache, span)
-        if self.tiled_prompt:
+        if tiled:
             return self._attend_and_score_in_tiles(q, k, v, k_pos, span)
         return self._attend_and_score_prompt(q, k, v, k_pos, span)
 

@@ -9,7 +9,10 @@
 // that uses them, under #ifdef __AVX512BF16__.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "vector_math.h"
 
@@ -75,6 +78,16 @@ inline void convert_row(const float* src, bf16* dst, int64_t n) {
     store16(dst + i, load16(src + i));
   }
   for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
+// A tensor's elements as T (bf16 is at::BFloat16's bits).
+template <typename T>
+T* elements(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+  } else {
+    return t.data_ptr<T>();
+  }
 }
 
 }  // namespace keyserve

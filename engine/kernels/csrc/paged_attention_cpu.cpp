@@ -41,6 +41,7 @@
 namespace {
 
 using keyserve::bf16;
+using keyserve::elements;
 using keyserve::to_f32;
 using keyserve::accumulate_values;
 using keyserve::exp_nonpositive;
@@ -299,16 +300,6 @@ void check_inputs(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
               "num_keys must be contiguous int64");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B, Hq, D], cache [NB, bs, Hkv, D]");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
-}
-
-// A tensor's elements as T (bf16 is at::BFloat16's bits).
-template <typename T>
-T* elements(const at::Tensor& t) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  } else {
-    return t.data_ptr<T>();
-  }
 }
 
 template <typename T>

@@ -16,12 +16,17 @@
 // Scores are added per work item into its own row of a buffer and summed in
 // a fixed order at the end, so they do not depend on the thread count.
 //
+// float32 or bfloat16 q, k, v and out (one dtype): in bfloat16 the tiles are
+// prompt_paths.h's choice; the logits, the probabilities the scores sum and
+// the scores themselves are float32 either way, from the same noise and tau.
+//
 // Op: keyserve::prefill_attention_scored(out [n, Hq, D], scores [Hkv, S]
 //     (added to), q [n, Hq, D], k [S, Hkv, D], v [S, Hkv, D], scale,
 //     query_pos [n] int64, key_pos [S, Hkv] int64, tau [n] float32, seed,
 //     use_noise, layer, noise_table, exp_table (or empty)): query i sees
-//     keys [0, S - n + i]. With use_noise, Keyformer's softmax((x + g) /
-//     tau); without, H2O's softmax(x / tau) (tau is 1 for H2O).
+//     keys [0, S - n + i]; out, q, k, v: all float32 or all bfloat16, scores
+//     float32. With use_noise, Keyformer's softmax((x + g) / tau); without,
+//     H2O's softmax(x / tau) (tau is 1 for H2O).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,16 +36,20 @@
 #include <cstdint>
 #include <vector>
 
+#include "bf16.h"
 #include "eviction_scores.h"
-#include "prompt_tiles.h"
+#include "prompt_paths.h"
 #include "vector_math.h"
 
 namespace {
 
+using keyserve::bf16;
+using keyserve::elements;
 using keyserve::exp_shifted;
 using keyserve::max_of;
 using keyserve::prompt::kKeys;
 using keyserve::prompt::kQueries;
+using keyserve::prompt::Path;
 using keyserve::scores::check_input;
 using keyserve::scores::Noise;
 
@@ -48,12 +57,16 @@ using keyserve::scores::Noise;
 // order fixed.
 constexpr int64_t kMaxGroups = 16;
 
+template <typename T>
 struct Views {
-  const float *q, *kt, *v;  // kt: K transposed by tiles, [Hkv][tiles][D][64]
-  float* out;
+  using P = Path<T>;
+  const T* q;
+  const typename P::Key* kt;  // K packed in tiles, [Hkv][tiles][words][64]
+  const typename P::Value* v;
+  T* out;
   const int64_t *query_pos, *key_pos;  // [n], [S, Hkv]
   const float* tau;                    // [n]
-  int64_t q_stride, v_stride, out_stride;
+  int64_t q_stride, v_stride, v_head_stride, out_stride;
   int64_t key_tiles, n, S, H, G, offset;  // offset = S - n
   float scale;
   int64_t seed, layer;
@@ -61,10 +74,12 @@ struct Views {
 };
 
 // Per-thread buffers: whole logit rows, P @ V accumulators, scratch.
-template <int64_t D>
+template <int64_t D, typename T>
 struct Rows {
   int64_t stride;  // floats between logit rows: S rounded up to whole key tiles
-  std::vector<float> q, p, acc, inv, ones, z;
+  std::vector<typename Path<T>::Query> q;
+  std::vector<float> p, acc, inv, ones, z;
+  std::vector<bf16> p16;  // a key tile of P rounded for the bf16 dot products
   std::vector<uint64_t> key_hash;
   Rows(int64_t rows, int64_t key_tiles, int64_t S)
       : stride(key_tiles * kKeys),
@@ -74,6 +89,7 @@ struct Rows {
         inv(rows),
         ones(rows, 1.f),
         z(stride),
+        p16(rows * kKeys),
         key_hash(S) {}
 };
 
@@ -98,15 +114,17 @@ float exp_and_score(float* x, int64_t n, float tau, uint64_t qbase, const Noise&
 
 // One tile: the queries [i0, i1) of every query head over KV head h; their
 // scores are added to score [S] (noise.key_hash: h's key terms).
-template <int64_t D>
-void attend_and_score_tile(const Views& x, const Noise& noise, int64_t h, int64_t i0,
-                           int64_t i1, Rows<D>& t, float* score) {
+template <int64_t D, typename T>
+void attend_and_score_tile(const Views<T>& x, const Noise& noise, int64_t h, int64_t i0,
+                           int64_t i1, Rows<D, T>& t, float* score) {
+  using P = Path<T>;
   const int64_t nq = i1 - i0, rows = x.G * nq;
-  keyserve::prompt::load_queries<D>(x.q, x.q_stride, h, x.G, i0, nq, x.scale, t.q.data());
+  P::template load_queries<D>(x.q, x.q_stride, h, x.G, i0, nq, x.scale, t.q.data());
   const int64_t width = std::min(x.S, x.offset + i1);  // keys the last query sees
-  const float* kt = x.kt + h * x.key_tiles * D * kKeys;
+  const auto* kt = x.kt + h * x.key_tiles * D * kKeys;
   for (int64_t j0 = 0; j0 < width; j0 += kKeys) {
-    keyserve::prompt::score_tile<D>(t.q.data(), kt + j0 * D, t.p.data() + j0, t.stride, rows);
+    P::template score_tile<D>(t.q.data(), kt + j0 * D, t.p.data() + j0, t.stride, rows,
+                              x.scale);
   }
   for (int64_t g = 0; g < x.G; ++g) {
     Noise head = noise;
@@ -121,16 +139,16 @@ void attend_and_score_tile(const Views& x, const Noise& noise, int64_t h, int64_
   }
   std::fill(t.acc.begin(), t.acc.begin() + rows * D, 0.f);
   for (int64_t j0 = 0; j0 < width; j0 += kKeys) {
-    keyserve::prompt::accumulate_tile<D>(t.p.data() + j0, t.stride, t.ones.data(),
-                                         x.v + j0 * x.v_stride + h * D, x.v_stride,
-                                         std::min(kKeys, width - j0), t.acc.data(), rows);
+    P::template accumulate_tile<D>(t.p.data() + j0, t.stride, t.ones.data(),
+                                   x.v + j0 * x.v_stride + h * x.v_head_stride, x.v_stride,
+                                   std::min(kKeys, width - j0), t.acc.data(), rows,
+                                   t.p16.data());
   }
   for (int64_t g = 0; g < x.G; ++g)
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t m = g * nq + r;
-      const float* a = t.acc.data() + m * D;
-      float* o = x.out + (i0 + r) * x.out_stride + (h * x.G + g) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = a[d] * t.inv[m];
+      T* o = x.out + (i0 + r) * x.out_stride + (h * x.G + g) * D;
+      keyserve::prompt::store_output<D>(t.acc.data() + m * D, t.inv[m], o);
     }
 }
 
@@ -149,8 +167,8 @@ void add_partials(const at::Tensor& partial, at::Tensor& scores) {
   });
 }
 
-template <int64_t D>
-void run(const Views& x, at::Tensor& scores) {
+template <int64_t D, typename T>
+void run(const Views<T>& x, at::Tensor& scores) {
   const int64_t tiles = (x.n + kQueries - 1) / kQueries;
   // Pairs of query tiles from both ends balance the causal work (as in the
   // flash kernel); consecutive pairs form a group, which owns a score row.
@@ -160,7 +178,7 @@ void run(const Views& x, at::Tensor& scores) {
   at::Tensor partial = at::zeros({x.H, groups, x.S}, scores.options());
   float* rows_out = partial.data_ptr<float>();
   at::parallel_for(0, x.H * groups, 1, [&](int64_t begin, int64_t end) {
-    Rows<D> t(x.G * kQueries, x.key_tiles, x.S);
+    Rows<D, T> t(x.G * kQueries, x.key_tiles, x.S);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / groups, group = item % groups;
       Noise noise = x.noise;
@@ -185,13 +203,32 @@ void run(const Views& x, at::Tensor& scores) {
   add_partials(partial, scores);
 }
 
+template <typename T>
+void attend_and_score(at::Tensor& out, at::Tensor& scores, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v, float scale,
+                      const at::Tensor& query_pos, const at::Tensor& key_pos,
+                      const at::Tensor& tau, int64_t seed, int64_t layer, const Noise& noise) {
+  const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
+  const auto packed = Path<T>::pack(k, v, D);
+  const Views<T> x{elements<T>(q), packed.kt, packed.v, elements<T>(out),
+                   query_pos.data_ptr<int64_t>(), key_pos.data_ptr<int64_t>(),
+                   tau.data_ptr<float>(), q.stride(0), packed.v_stride, packed.v_head_stride,
+                   out.stride(0), packed.key_tiles, n, S, Hkv, Hq / Hkv, S - n, scale, seed,
+                   layer, noise};
+  if (D == 64) {
+    run<64>(x, scores);
+  } else {
+    run<128>(x, scores);
+  }
+}
+
 void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, double scale,
                               const at::Tensor& query_pos, const at::Tensor& key_pos,
                               const at::Tensor& tau, int64_t seed, bool use_noise, int64_t layer,
                               const at::Tensor& noise_table, const at::Tensor& exp_table) {
   keyserve::prompt::check_prompt_shapes(out, q, k, v);
-  const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
+  const int64_t n = q.size(0), S = k.size(0), Hkv = k.size(1);
   check_input(scores, at::kFloat, {Hkv, S}, "scores: contiguous float32 [Hkv, S]");
   check_input(query_pos, at::kLong, {n}, "query_pos: contiguous int64 [n]");
   check_input(key_pos, at::kLong, {S, Hkv}, "key_pos: contiguous int64 [S, Hkv]");
@@ -199,22 +236,19 @@ void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tenso
   const int shift = keyserve::scores::check_noise_table(noise_table);
   keyserve::scores::check_exp_table(exp_table, noise_table);
   if (n == 0) return;
-  const at::Tensor kt = keyserve::prompt::transpose_keys(k, D);
   const Noise noise{noise_table.data_ptr<float>(),
                     exp_table.numel() ? exp_table.data_ptr<float>() : nullptr,
                     shift,
                     use_noise,
                     0,
                     nullptr};
-  const Views x{q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(),
-                out.data_ptr<float>(), query_pos.data_ptr<int64_t>(),
-                key_pos.data_ptr<int64_t>(), tau.data_ptr<float>(), q.stride(0), v.stride(0),
-                out.stride(0), kt.size(1), n, S, Hkv, Hq / Hkv, S - n,
-                static_cast<float>(scale), seed, layer, noise};
-  if (D == 64) {
-    run<64>(x, scores);
+  const float fscale = static_cast<float>(scale);
+  if (q.scalar_type() == at::kBFloat16) {
+    attend_and_score<bf16>(out, scores, q, k, v, fscale, query_pos, key_pos, tau, seed, layer,
+                           noise);
   } else {
-    run<128>(x, scores);
+    attend_and_score<float>(out, scores, q, k, v, fscale, query_pos, key_pos, tau, seed, layer,
+                            noise);
   }
 }
 
