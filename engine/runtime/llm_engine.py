@@ -53,6 +53,12 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
         self.pool_tokens = num_blocks * config.block_size
+        if self.pool_tokens < self.max_model_len:
+            logger.info(
+                "KV pool holds %d tokens, less than the context of %d: a full request "
+                "must fit in it whole; an evicting one needs its budget + one chunk (%d)",
+                self.pool_tokens, self.max_model_len, config.max_num_batched_tokens,
+            )  # fmt: skip
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.dtype, self.device
