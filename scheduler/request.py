@@ -120,10 +120,11 @@ class Request:
         """Where the prompt chunk being computed must end at the latest: the
         next multiple of `chunk` prompt tokens, at which an evicting sequence
         is cut back to its budget (None: no limit, it does not evict or its
-        prompt is in). Cuts at fixed points keep a seeded sequence's output
-        the same whatever else shares its batches."""
-        n = self.num_computed_tokens
-        if self.slot_budget is None or n >= self.num_prompt_tokens:
+        prompt is in, or fits in its budget: it is never cut mid-prompt). Cuts
+        at fixed points keep a seeded sequence's output the same whatever else
+        shares its batches."""
+        n, budget = self.num_computed_tokens, self.slot_budget
+        if budget is None or n >= self.num_prompt_tokens or self.num_prompt_tokens <= budget:
             return None
         return (n // chunk + 1) * chunk
 
