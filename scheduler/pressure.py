@@ -42,8 +42,9 @@ class Squeezer(Protocol):
 
 def squeezable(request: Request) -> bool:
     """Whether a running request's budget may be lowered under pressure: an
-    evicting sequence that asked for it, past its first prompt pass (which
-    holds and scores its whole prompt before its first cut)."""
+    evicting sequence that asked for it, past its prompt (mid-prompt it is
+    cut to its budget at its cut points anyway, and holds at most one chunk
+    more; its budget stays as asked until its prompt is in)."""
     kv = request.kv
     return (
         kv is not None

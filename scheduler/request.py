@@ -101,17 +101,32 @@ class Request:
         """The longest this sequence can grow: prompt plus max_tokens."""
         return len(self.prompt_token_ids) + self.max_tokens
 
-    @property
-    def peak_slots(self) -> int:
-        """The most slots the sequence ever holds at once.
+    def peak_slots(self, chunk: int) -> int:
+        """The most slots the sequence ever holds at once, prefilled in chunks
+        of at most `chunk` tokens.
 
-        Without eviction that is prompt plus max_tokens; with it, the whole
-        prompt (scored before the first cut) or the budget plus the one new
-        token each step adds before it is cut again.
+        Without eviction that is prompt plus max_tokens. With it, the prompt is
+        cut back to the budget after every `chunk` prompt tokens (compressed
+        while prefilling: engine/runtime/eviction.py), so it holds at most the
+        budget plus one chunk (the whole prompt when that is less), then the
+        budget plus the one new token each decode step adds before its cut.
         """
         if self.slot_budget is None:
             return self.max_total_tokens
-        return max(self.num_prompt_tokens, self.slot_budget + 1)
+        prefill = min(self.num_prompt_tokens, self.slot_budget + chunk)
+        return min(self.max_total_tokens, max(prefill, self.slot_budget + 1))
+
+    def cut_point(self, chunk: int) -> int | None:
+        """Where the prompt chunk being computed must end at the latest: the
+        next multiple of `chunk` prompt tokens, at which an evicting sequence
+        is cut back to its budget (None: no limit, it does not evict or its
+        prompt is in, or fits in its budget: it is never cut mid-prompt). Cuts
+        at fixed points keep a seeded sequence's output the same whatever else
+        shares its batches."""
+        n, budget = self.num_computed_tokens, self.slot_budget
+        if budget is None or n >= self.num_prompt_tokens or self.num_prompt_tokens <= budget:
+            return None
+        return (n // chunk + 1) * chunk
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""

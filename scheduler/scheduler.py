@@ -58,17 +58,32 @@ class Scheduler:
         """Queue a new request (FCFS). Fails if it could never fit in the pool."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        # NOTE: counted at its post-eviction size: a request whose compressed
-        # size fits is never refused for its uncompressed size.
-        need = blocks_for(request.peak_slots, self.kv.block_size)
-        if need > self.kv.num_total_blocks:
-            raise ValueError(
-                f"request needs {need} KV blocks for {request.peak_slots} tokens, "
-                f"but the whole pool has {self.kv.num_total_blocks}"
-            )
+        # NOTE: counted at its compressed size: an evicting sequence holds at
+        # most its budget plus one prefill chunk, however long its prompt.
+        self._check_fits(request)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.requests[request.request_id] = request
+
+    def _check_fits(self, request: Request) -> None:
+        """A ValueError (its first word the field to blame: prompt) for a
+        request whose peak could never fit in the whole pool."""
+        peak = request.peak_slots(self.config.max_num_batched_tokens)
+        need, total = blocks_for(peak, self.kv.block_size), self.kv.num_total_blocks
+        if need <= total:
+            return
+        if request.slot_budget is None:
+            held = f"plus max_tokens ({request.max_tokens}), all held without eviction,"
+        else:
+            held = (
+                f"compressed to its budget ({request.slot_budget} tokens) plus one "
+                f"prefill chunk ({self.config.max_num_batched_tokens} tokens),"
+            )
+        raise ValueError(
+            f"prompt ({request.num_prompt_tokens} tokens) {held} needs {need} KV blocks "
+            f"for {peak} tokens, but the whole pool has {total} "
+            f"({total * self.kv.block_size} tokens)"
+        )
 
     def abort_request(self, request_id: str) -> Request | None:
         """Stop a request wherever it is and free its blocks."""
@@ -141,7 +156,7 @@ class Scheduler:
         this step (0 past the token budget), before anything is reserved."""
         plan = []
         for request in self.running:
-            n = max(0, min(request.num_tokens - request.num_computed_tokens, budget))
+            n = max(0, min(self._chunk_tokens(request), budget))
             plan.append((request, n))
             budget -= n
         return plan
@@ -150,12 +165,20 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(self._chunk_tokens(request), budget)
             if not self._reserve_or_preempt(request, n, out):
                 break  # the request preempted itself; everything after it is gone
             budget -= n
             i += 1
         return budget
+
+    def _chunk_tokens(self, request: Request) -> int:
+        """The tokens a running request computes next, before the token budget:
+        the rest of its tokens, but a prompt chunk of an evicting sequence ends
+        at its next cut point (Request.cut_point)."""
+        n = request.num_tokens - request.num_computed_tokens
+        cut = request.cut_point(self.config.max_num_batched_tokens)
+        return n if cut is None else min(n, cut - request.num_computed_tokens)
 
     def _squeezed(self, request: Request, cut: SlotCut) -> None:
         """Record a squeeze the engine made and free the blocks past it."""
@@ -192,13 +215,13 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            # Admit only when the whole prefill fits in the free blocks, not just
-            # this chunk; strictly FCFS, so a large request at the head is never
-            # starved by small ones.
+            # Admit only when the prefill's peak fits in the free blocks, not
+            # just this chunk; strictly FCFS, so a large request at the head is
+            # never starved by small ones.
             need = blocks_for(self._prefill_slots(request), self.kv.block_size)
             if need > self.kv.num_free_blocks:
                 break
-            n = min(request.num_tokens, budget)
+            n = min(self._chunk_tokens(request), budget)
             if not self.kv.allocate_slots(request.request_id, n):
                 break
             self.waiting.popleft()
@@ -211,9 +234,9 @@ class Scheduler:
 
     def _prefill_slots(self, request: Request) -> int:
         """Slots a (re)prefill needs at its peak."""
-        if request.slot_budget is None or request.num_preemptions == 0:
+        if request.slot_budget is None:
             return request.num_tokens
-        # A recompute of an evicting sequence is cut back after every chunk.
+        # An evicting sequence is cut back to its budget after every chunk.
         chunk = self.config.max_num_batched_tokens
         return min(request.num_tokens, request.slot_budget + chunk)
 

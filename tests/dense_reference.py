@@ -52,13 +52,17 @@ class DenseReference:
         params: SamplingParams,
         budgets: Mapping[int, int] | None = None,
         follow: Sequence[int] | None = None,
+        chunk: int | None = None,
     ) -> list[int]:
         """The request's output tokens. `budgets` is a budget schedule,
         {logical length: budget}: once the sequence reaches that length (after
         that step's own cut) it is cut to the new budget and keeps it from
         then on, as a squeeze under memory pressure does (a Request's
         `squeezes` are such pairs). With `follow`, those tokens are fed back
-        in place of the sampled ones (and returned)."""
+        in place of the sampled ones (and returned). With `chunk`, the prompt
+        is compressed while it prefills, as the engine does with
+        max_num_batched_tokens = chunk: it runs in chunks of that many tokens
+        and is cut to the budget after each (None: one chunk)."""
         schedule = dict(budgets or {})
         n = len(prompt)
         self.state = [DenseLayer() for _ in self.layers]
@@ -74,7 +78,8 @@ class DenseReference:
             for i, attn in enumerate(self.layers):
                 attn.forward = self._dense_forward(attn, i)
             out: list[int] = []
-            tokens, pos = list(prompt), 0
+            pos = self._prefill_head(prompt, chunk or n)
+            tokens = list(prompt[pos:])
             while len(out) < params.max_tokens:
                 logits = self._forward(tokens, pos)
                 self._evict(pos + len(tokens))
@@ -90,6 +95,16 @@ class DenseReference:
         finally:
             for attn, fwd in zip(self.layers, originals, strict=True):
                 attn.forward = fwd
+
+    def _prefill_head(self, prompt: list[int], chunk: int) -> int:
+        """Every whole chunk of the prompt but the last, each cut after; returns
+        where the rest starts."""
+        pos = 0
+        while len(prompt) - pos > chunk:
+            self._forward(prompt[pos : pos + chunk], pos)
+            pos += chunk
+            self._evict(pos)
+        return pos
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
@@ -158,8 +173,8 @@ class DenseReference:
     # -- eviction --------------------------------------------------------------
 
     def _evict(self, length: int) -> None:
-        """Cut each (layer, kv-head) to the budget once the prompt is in."""
-        if self.budget is None or length < self.prompt_len:
+        """Cut each (layer, kv-head) to the budget (mid-prompt too, chunked)."""
+        if self.budget is None:
             return
         # What each (layer, kv-head) held before this cut: the candidates.
         self.held = [

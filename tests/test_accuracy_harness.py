@@ -9,6 +9,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -245,3 +246,40 @@ def test_kv_pressure_and_floor_reach_the_evicting_runs_only() -> None:
     assert (full.kv_pressure, full.kv_min_tokens) == (None, None)
     args = cli.parse_args(["--kv-pressure", "squeeze", "--kv-min-tokens", "64"])
     assert (args.kv_pressure, args.kv_min_tokens, args.kv_cache_blocks) == ("squeeze", 64, None)
+
+
+def test_prefill_chunk_and_token_budget_reach_the_engine_and_runs(monkeypatch) -> None:
+    """--max-num-batched-tokens sets the prefill chunk (a value >= the prompt:
+    compressed after the whole prefill), --kv-max-tokens the evicting runs'
+    budget in tokens; each run records its peak KV blocks and median prefill."""
+    import engine
+    from bench.accuracy import runner
+
+    made: list[dict] = []
+    monkeypatch.setattr(engine, "LLM", lambda **kwargs: made.append(kwargs))
+    args = cli.parse_args(["--max-num-batched-tokens", "8192", "--kv-max-tokens", "512"])
+    cli.load_llm(args)
+    assert made[-1]["max_num_batched_tokens"] == 8192 and args.kv_max_tokens == 512
+    assert cli.parse_args([]).max_num_batched_tokens == 2048
+    item = Item("retrieval", "4000", "0", "text", 8)
+    kv = runner.KVOptions(max_tokens=512)
+    assert runner.params(item, 0, "keyformer", 1.0, kv).kv_max_tokens == 512
+    assert runner.params(item, 0, "full", 1.0, kv).kv_max_tokens is None
+
+    class Engine:
+        peak_kv_blocks_used = 99  # a previous run's: reset before each run
+
+    class Timed(FakeLLM):
+        engine = Engine()
+
+        def generate(self, prompts, params):
+            self.engine.peak_kv_blocks_used = 7 if params[0].kv_policy == "full" else 3
+            outs = super().generate(prompts, params)
+            for k, o in enumerate(outs):
+                o.metrics = SimpleNamespace(first_scheduled_time=1.0, first_token_time=1.5 + k)
+            return outs
+
+    items = [item, Item("retrieval", "4000", "1", "other", 8), Item("r", "x", "2", "t", 8)]
+    result = runner.run(Timed(), items, [("full", 1.0), ("h2o", 0.5)], kv)
+    assert result.peak_blocks == {("full", 1.0): 7, ("h2o", 0.5): 3}
+    assert result.median_prefill_seconds == {("full", 1.0): 1.5, ("h2o", 0.5): 1.5}

@@ -43,7 +43,9 @@ def _params(policy: str, i: int) -> SamplingParams:
 
 def _reference(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
     settings = KVPolicySettings(kv_policy=params.kv_policy, **KV)
-    return DenseReference(llm.engine.model, settings).generate(prompt, params)
+    # Prompts compress while they prefill, cut after every chunk.
+    chunk = llm.engine.config.max_num_batched_tokens
+    return DenseReference(llm.engine.model, settings).generate(prompt, params, chunk=chunk)
 
 
 class InvariantChecker:
@@ -63,11 +65,15 @@ class InvariantChecker:
             rid, seq, budget = req.request_id, req.kv, req.slot_budget
             n_slots = kv.num_slots(rid)
             length = req.num_computed_tokens
-            if budget is not None and length >= req.num_prompt_tokens:
+            chunk = engine.config.max_num_batched_tokens
+            if budget is not None and (length >= req.num_prompt_tokens or length % chunk == 0):
                 # Exactly the budget (squeezed or not) in every layer and head
-                # (one count for all).
+                # (one count for all), after the prompt and at its cut points.
                 assert n_slots == min(length, budget)
                 self.evicted_somewhere |= length > budget
+            elif budget is not None:
+                # Mid-prompt between cut points: at most one chunk past it.
+                assert n_slots <= min(length, budget + chunk)
             elif req.num_preemptions == 0:
                 assert n_slots == length
             _, positions = cache.read_slot_state(kv.block_table(rid), n_slots)

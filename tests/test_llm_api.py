@@ -115,7 +115,7 @@ def test_logprobs_top_n(llm):
         ("", GREEDY, "empty"),
         ([], GREEDY, "empty"),
         ("word " * 9000, GREEDY, "context"),
-        ("Hi", SamplingParams(temperature=0, max_tokens=2000), "exceeds"),
+        ("Hi", SamplingParams(temperature=0, max_tokens=8192), "exceeds the model.s context"),
         ([1, 2, 10**9], GREEDY, r"prompt: token id 1000000000 is out of vocabulary"),
         ([-4, 2, 10**9, -4], GREEDY, r"prompt: token ids -4, 1000000000 are out of vocabulary"),
     ],
@@ -128,9 +128,15 @@ def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, prompt, pa
     assert _text(llm, "The capital of France is", GREEDY).token_ids
 
 
-def test_context_is_capped_to_what_the_pool_holds(llm):
-    # 64 MiB of float32 SmolLM2 KV holds far fewer than its 8192 positions.
-    assert llm.engine.max_model_len == llm.engine.kv.num_total_blocks * 16 < 8192
+def test_the_context_is_the_models_and_the_pool_refuses_per_request(llm):
+    # 64 MiB of float32 SmolLM2 KV holds far fewer than its 8192 positions: the
+    # context stays the model's (an evicting sequence holds only its budget plus
+    # a prefill chunk), and a full request past the pool is refused alone.
+    pool = llm.engine.kv.num_total_blocks * 16
+    assert llm.engine.max_model_len == 8192 > pool
+    with pytest.raises(ValueError, match=r"^prompt \(3 tokens\) plus max_tokens .*pool has"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=pool, kv_policy="full"))
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_negative_max_tokens_is_rejected():

@@ -85,7 +85,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kv-min-tokens", type=int, default=0, help="evicting runs' kv_min_tokens (squeeze floor)"
     )
+    p.add_argument(
+        "--kv-max-tokens",
+        type=int,
+        default=None,
+        help="evicting runs' kv_max_tokens: a budget in tokens (with --budgets 1.0, "
+        "exactly that many for every prompt longer)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="prefill chunk: evicting prompts are cut to their budget after every chunk "
+        "(compressed while prefilling); a value >= the longest prompt cuts once, after "
+        "the whole prefill (needs a pool that holds the whole prompt)",
+    )
     args = p.parse_args(argv)
     bad = set(args.tasks) - set(TASKS) or set(args.policies) - set(POLICIES)
     if bad or not all(0 < b <= 1 for b in args.budgets):
@@ -144,6 +159,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_blocks=args.kv_cache_blocks,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
@@ -195,6 +211,10 @@ def _meta(
             f"{p}@{b}": n for (p, b), n in result.generated_tokens.items()
         },
         "squeezed_sequences_per_run": {f"{p}@{b}": n for (p, b), n in result.squeezed.items()},
+        "peak_kv_blocks_per_run": {f"{p}@{b}": n for (p, b), n in result.peak_blocks.items()},
+        "median_prefill_seconds_per_run": {
+            f"{p}@{b}": round(s, 3) for (p, b), s in result.median_prefill_seconds.items()
+        },
         "prompt_tokens": result.prompt_tokens,
         "generations": {f"{p}@{b}": o for (p, b), o in result.outputs.items()},
         "items": [{"key": it.key, "gold": it.gold, "meta": it.meta} for it in items],
@@ -225,7 +245,7 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
         items = resume.pending(items, previous)
     if not items:
         raise SystemExit("no items to run")
-    kv = runner.KVOptions(args.kv_pressure, args.kv_min_tokens)
+    kv = runner.KVOptions(args.kv_pressure, args.kv_min_tokens, args.kv_max_tokens)
     result = runner.run(llm, items, configs, kv)
     scores = runner.score_all(items, result, SCORERS)
     stats = getattr(getattr(llm, "engine", None), "stats", None)

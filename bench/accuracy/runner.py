@@ -1,5 +1,6 @@
 """Run every (policy, budget) over all items, one `llm.generate` call each."""
 
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ class RunResult:
     generated_tokens: dict[tuple[str, float], int] = field(default_factory=dict)
     # Sequences squeezed under kv_pressure squeeze (the pool too small for the batch).
     squeezed: dict[tuple[str, float], int] = field(default_factory=dict)
+    # The most KV blocks in use during the run (prompts compressed while
+    # prefilling hold budget + one chunk, not the whole prompt), and the median
+    # seconds from a request's first step to its first token (its prefill).
+    peak_blocks: dict[tuple[str, float], int] = field(default_factory=dict)
+    median_prefill_seconds: dict[tuple[str, float], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class KVOptions:
 
     pressure: str = "preempt"
     min_tokens: int = 0
+    max_tokens: int | None = None  # a cap on the budget in tokens (kv_max_tokens)
 
 
 def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
@@ -44,7 +51,25 @@ def params(
     fields: dict[str, Any] = {"kv_policy": policy}
     if policy != "full":
         fields.update(kv_ratio=budget, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
+        if kv.max_tokens is not None:
+            fields.update(kv_max_tokens=kv.max_tokens)
     return SamplingParams(temperature=0.0, max_tokens=item.max_tokens, seed=index, **fields)
+
+
+def _record_memory_and_prefill(
+    result: RunResult, config: tuple[str, float], engine: Any, outs: Sequence[Any]
+) -> None:
+    """The run's peak KV blocks and median prefill seconds, where the engine
+    and the outputs say (an injected fake may not)."""
+    if engine is not None:
+        result.peak_blocks[config] = engine.peak_kv_blocks_used
+    prefill = [
+        m.first_token_time - m.first_scheduled_time
+        for m in (getattr(o, "metrics", None) for o in outs)
+        if m is not None and m.first_token_time is not None and m.first_scheduled_time is not None
+    ]
+    if prefill:
+        result.median_prefill_seconds[config] = statistics.median(prefill)
 
 
 def _progress(total: int) -> Any:
@@ -66,6 +91,9 @@ def run(
     for i, (policy, budget) in enumerate(runs):
         if bar is not None:
             bar.set_postfix_str(f"{policy}@{budget} ({len(items)} prompts)")
+        engine = getattr(llm, "engine", None)
+        if engine is not None:
+            engine.peak_kv_blocks_used = 0  # this run's own peak
         start = time.perf_counter()
         outs = llm.generate(
             prompts, [params(it, k, policy, budget, kv) for k, it in enumerate(items)]
@@ -75,6 +103,7 @@ def run(
             it.key: o.outputs[0].text for it, o in zip(items, outs, strict=True)
         }
         result.generated_tokens[(policy, budget)] = sum(len(o.outputs[0].token_ids) for o in outs)
+        _record_memory_and_prefill(result, (policy, budget), engine, outs)
         result.squeezed[(policy, budget)] = sum(
             getattr(getattr(o, "kv", None), "squeezed_budget", None) is not None for o in outs
         )

@@ -2,7 +2,14 @@
 the sequence's first slots; the scheduler then frees the blocks past them
 (`Scheduler.apply_evictions`), before it builds the next batch. Under memory
 pressure the scheduler also asks it to squeeze a sequence below its budget
-(scheduler/pressure.py: it is the scheduler's `Squeezer`)."""
+(scheduler/pressure.py: it is the scheduler's `Squeezer`).
+
+Prompts are compressed while they prefill: an evicting sequence is cut back
+to its budget at every `prefill_chunk`-th prompt token (the scheduler ends its
+prompt chunks there: Request.cut_point) and at the prompt's end, its keys
+scored by the prompt queries seen so far. It never holds more than its budget
+plus one chunk, so a prompt larger than the whole pool can run; a chunk of
+the whole prompt is the "cut after the whole prefill" of before."""
 
 import torch
 
@@ -17,9 +24,10 @@ class Evictor:
     """Compacts sequences over their budgets in the cache tensors and reports
     the cuts. It reads block tables; it never allocates or frees."""
 
-    def __init__(self, cache: PagedKVCache, kv: KVCacheManager) -> None:
+    def __init__(self, cache: PagedKVCache, kv: KVCacheManager, prefill_chunk: int) -> None:
         self.cache = cache
         self.kv = kv
+        self.prefill_chunk = prefill_chunk
 
     def evict(self, requests: list[Request]) -> list[SlotCut]:
         """Compact every request that is over its budget; returns the cuts.
@@ -69,10 +77,11 @@ class Evictor:
         budget = request.slot_budget
         if budget is None or request.is_finished:
             return 0
-        # The first prompt pass scores every prompt query before choosing; a
-        # recompute after preemption evicts chunk by chunk to stay small.
-        prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
-        if not prompt_done and request.num_preemptions == 0:
+        # Mid-prompt, only at the fixed cut points: a chunk the token budget
+        # ended early is cut where the next one ends, so the cuts do not
+        # depend on what else ran in the batch.
+        n = request.num_computed_tokens
+        if n < request.num_prompt_tokens and n % self.prefill_chunk:
             return 0
         return max(0, self.kv.num_slots(request.request_id) - budget)
 

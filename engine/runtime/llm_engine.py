@@ -51,12 +51,19 @@ class LLMEngine:
         self.model = load_model(folder, self.hf_config, self.dtype, self.device)
         self.eos_token_ids = self._eos_token_ids()
         num_blocks = self._num_kv_blocks()
-        self.max_model_len = self._max_model_len(num_blocks * config.block_size)
+        self.max_model_len = self._max_model_len()
+        self.pool_tokens = num_blocks * config.block_size
+        if self.pool_tokens < self.max_model_len:
+            logger.info(
+                "KV pool holds %d tokens, less than the context of %d: a full request "
+                "must fit in it whole; an evicting one needs its budget + one chunk (%d)",
+                self.pool_tokens, self.max_model_len, config.max_num_batched_tokens,
+            )  # fmt: skip
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.dtype, self.device
         )
-        self.evictor = Evictor(self.runner.cache, self.kv)
+        self.evictor = Evictor(self.runner.cache, self.kv, config.max_num_batched_tokens)
         # The evictor also squeezes sequences for the scheduler when the pool is full.
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
@@ -68,7 +75,9 @@ class LLMEngine:
         # Decode graphs need every kernel of a step capturable and free of host
         # syncs: the Triton backend's are (the torch backend's masks are not).
         if backends == ["triton"] and not config.enforce_eager:
-            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len)
+            # No sequence holds more slots than the pool has.
+            graph_len = min(self.max_model_len, self.pool_tokens)
+            self.runner.use_decode_graphs(config.max_num_seqs, graph_len)
         # The engine's side of each request (sampling, detokenizer, text so
         # far), beside the scheduler's Request; dropped when it finishes.
         self._states: dict[str, RequestState] = {}
@@ -87,22 +96,16 @@ class LLMEngine:
 
     # -- setup ---------------------------------------------------------------
 
-    def _max_model_len(self, pool_tokens: int) -> int:
+    def _max_model_len(self) -> int:
+        """The model's context, not capped by the pool: an evicting sequence
+        holds only its budget plus a prefill chunk, so its prompt may be larger
+        than the whole pool; the scheduler refuses, per request, one whose peak
+        could never fit (a `full` one holds all its tokens)."""
         c = self.hf_config
         native = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
         if native is None:  # ALiBi models have no position limit of their own
             native = self.config.max_model_len or 2048
-        length = min(self.config.max_model_len or native, native)
-        if length > pool_tokens:
-            # NOTE: a sequence longer than the whole pool could never finish;
-            # cap the context rather than accept requests that would hang.
-            logger.warning(
-                "KV pool holds %d tokens, less than the context of %d: capping it",
-                pool_tokens,
-                length,
-            )
-            length = pool_tokens
-        return length
+        return min(self.config.max_model_len or native, native)
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -137,10 +140,10 @@ class LLMEngine:
         the engine and its other requests are unaffected."""
         params = params or SamplingParams()
         prompt_text, prompt_ids = self._tokenize(prompt)
-        max_tokens = self._check_lengths(prompt_ids, params)
+        kv_settings = self.default_kv_settings.with_overrides(**params.kv_overrides())
+        max_tokens = self._check_lengths(prompt_ids, params, kv_settings.evicts)
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
-        kv_settings = self.default_kv_settings.with_overrides(**params.kv_overrides())
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids) | (
@@ -194,7 +197,7 @@ class LLMEngine:
             f"(the model has {self.vocab_size} tokens, ids 0 to {self.vocab_size - 1})"
         )
 
-    def _check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def _check_lengths(self, prompt_ids: list[int], params: SamplingParams, evicts: bool) -> int:
         n = len(prompt_ids)
         if n >= self.max_model_len:
             raise ValueError(
@@ -202,7 +205,10 @@ class LLMEngine:
                 f"{self.max_model_len} tokens (room is needed for output)"
             )
         if params.max_tokens is None:
-            return self.max_model_len - n
+            # Without eviction every token is held: by default, up to what
+            # the pool holds (a prompt over it is refused by the scheduler).
+            room = self.max_model_len if evicts else min(self.max_model_len, self.pool_tokens)
+            return max(room - n, 1)
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) "

@@ -27,7 +27,7 @@ class SamplingParams(KVPolicyOverrides):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    max_tokens: int | None = 16  # None: up to the model's context
+    max_tokens: int | None = 16  # None: up to the context (full: what the pool holds)
     min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
