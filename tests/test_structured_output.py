@@ -16,7 +16,7 @@ import torch
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams, StructuredOutputsParams
 from engine.loading.default_model import default_model_path
 from engine.runtime.structured_output import StructuredOutputStats
-from engine.runtime.structured_output.masking import GrammarMasker
+from engine.runtime.structured_output.masking import GrammarMasker, _add_on_cpu
 
 SCHEMA = {
     "type": "object",
@@ -184,14 +184,43 @@ def test_a_bad_compile_leaves_nothing_queued(random_smollm_vocab, llm):
     assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_used_blocks == 0
 
 
-def test_the_mask_penalty_matches_the_bits():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # numpy path, torch path
+@pytest.mark.parametrize("rows", [None, [0, 2]])
+def test_the_mask_matches_the_bits_and_spares_other_rows(dtype, rows):
     masker = GrammarMasker(70, StructuredOutputStats())  # 3 words, the last one partial
-    bits = torch.randint(-(2**31), 2**31 - 1, (4, 3), dtype=torch.int32)
-    penalty = masker._penalty(bits, torch.float32)[:, :70]
-    expected = torch.tensor(
-        [
-            [0.0 if (int(bits[r, t // 32]) >> (t % 32)) & 1 else float("-inf") for t in range(70)]
-            for r in range(4)
-        ]
-    )
-    assert torch.equal(penalty, expected)
+    bits = torch.randint(-(2**31), 2**31 - 1, (4 if rows is None else 2, 3), dtype=torch.int32)
+    logits = torch.randn(4, 70, dtype=dtype)
+    masked = logits.clone()
+    if dtype == torch.float32:
+        _add_on_cpu(masked, bits, rows)
+    else:
+        masker._add_on_device(masked, bits, rows)
+    targets = list(range(4)) if rows is None else rows
+    for r in range(4):
+        if r not in targets:
+            assert torch.equal(masked[r], logits[r])  # untouched, bit for bit
+            continue
+        word = bits[targets.index(r)]
+        allowed = [(int(word[t // 32]) >> (t % 32)) & 1 for t in range(70)]
+        row = logits[r].tolist()
+        expected = [v if a else float("-inf") for v, a in zip(row, allowed, strict=True)]
+        assert masked[r].tolist() == expected
+
+
+def test_parallel_and_serial_mask_fills_agree(llm, monkeypatch):
+    from engine.runtime.structured_output import masking
+
+    so = llm.engine.structured
+    grammars = [so.new_sequence(StructuredOutputsParams(json=SCHEMA)) for _ in range(3)]
+    tok = llm.get_tokenizer()
+    for g, text in zip(grammars, ['{"name": "A', '{"name": "Bo", "age": 1', ""], strict=True):
+        for t in tok.encode(text):
+            g.advance(t)
+    masker = so._masker
+    serial = masker._fill(grammars).clone()
+    monkeypatch.setattr(masking, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(masking, "PARALLEL_MIN_CPUS", 1)
+    with torch.inference_mode():  # the buffer was made inside the engine's step
+        masker._bits.zero_()
+    assert torch.equal(masker._fill(grammars), serial)
+    assert len({tuple(row.tolist()) for row in serial}) == 3  # three different states

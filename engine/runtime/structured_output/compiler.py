@@ -68,6 +68,13 @@ class GrammarCompiler:
         matcher = LLMatcher(self.tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(_reason(spec, matcher.get_error()))
+        # The lexer builds its states lazily, at the first mask: for some
+        # grammars that takes a second ("(a{1000}){1000}"). Build them here,
+        # off the engine's step; the copies share them. Computing a mask
+        # moves nothing: the template stays at the start.
+        matcher.compute_bitmask()
+        if matcher.is_error():  # a limit hit while building the lexer
+            raise ValueError(_reason(spec, matcher.get_error()))
         return matcher
 
     def tokenizer(self) -> Any:
