@@ -15,6 +15,7 @@ median step times is shown beside it as a cross-check.
 """
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("bench/results/structured_output"))
     p.add_argument("--name", default="smollm2_16")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     return p.parse_args()
 
 
@@ -130,6 +132,10 @@ def compile_figures(llm: LLM) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
+    if args.report_only:
+        result = json.loads((args.out / f"{args.name}.json").read_text())
+        (args.out / f"{args.name}.md").write_text(report(result))
+        return
     git_provenance()  # the commit this run started at
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,6 +174,7 @@ def main() -> None:
 
 def report(r: dict[str, Any]) -> str:
     m, first = r["machine"], r["first_use"]
+    worst = max(rd["with_grammar"]["median_module_ms"] for rd in r["rounds"])
     lines = [
         "# Structured output: its cost per decode step",
         "",
@@ -200,7 +207,10 @@ def report(r: dict[str, Any]) -> str:
         f"Share: the module's seconds over the steps' seconds, summed over B's "
         f"{r['rounds'][0]['with_grammar']['decode_steps']} decode steps per round "
         f"(mean {r['rounds'][0]['with_grammar']['mean_rows']:.1f} rows each). The target "
-        "is under 10%.",
+        "is under 10%. Contention on a shared machine inflates the steps more than the "
+        "module (single-threaded), so the share is best read with the module's own time: "
+        f"at {worst:.2f} ms per step, it would pass 10% only for decode steps shorter than "
+        f"{10 * worst:.0f} ms.",
         "",
         f"First use, off the engine step in the server (a worker thread): llguidance's "
         f"tokenizer for the 49,152-token vocabulary {first['tokenizer_build_s']:.2f} s once; "
