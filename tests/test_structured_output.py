@@ -224,3 +224,18 @@ def test_parallel_and_serial_mask_fills_agree(llm, monkeypatch):
         masker._bits.zero_()
     assert torch.equal(masker._fill(grammars), serial)
     assert len({tuple(row.tolist()) for row in serial}) == 3  # three different states
+
+
+def test_json_layout_is_json_dumps_unless_the_schema_says(llm):
+    compiler, tok = llm.engine.structured.compiler, llm.get_tokenizer()
+    free = {"whitespace_flexible": True, "item_separator": ",", "key_separator": ":"}
+
+    def takes(schema, text):
+        m = compiler.new_matcher(StructuredOutputsParams(json=schema))
+        return m.consume_tokens(tok.encode(text)) and m.is_accepting()
+
+    assert takes({"type": "object"}, '{"a": 1, "b": [1, 2]}')
+    assert not takes({"type": "object"}, '{"a":1}')
+    assert not takes({"type": "object"}, '{\n  "a": 1\n}')
+    loose = {"type": "object", "x-guidance": free}
+    assert takes(loose, '{"a":1}') and takes(loose, '{\n  "a": 1\n}')

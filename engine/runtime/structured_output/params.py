@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # How JSON is laid out when the schema does not say (llguidance's
-# "x-guidance" options in a schema override these). llguidance's own default
+# "x-guidance" options in a schema override these; with whitespace_flexible
+# true, "," and ":" as separators give llguidance's own free layout). llguidance's own default
 # allows any run of whitespace between tokens: a small or badly prompted model
 # then emits newlines until max_tokens and the JSON never closes. Fixed
 # separators, as json.dumps writes them, keep every token on the document.
