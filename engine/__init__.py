@@ -5,6 +5,7 @@ from engine.runtime.llm import LLM
 from engine.runtime.llm_engine import LLMEngine
 from engine.runtime.outputs import CompletionOutput, KVUsage, RequestMetrics, RequestOutput
 from engine.runtime.sampling_params import SamplingParams
+from engine.runtime.structured_output import StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -15,4 +16,5 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]

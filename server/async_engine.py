@@ -4,6 +4,8 @@ loop serves the requests.
 The engine is not thread-safe, so only its thread ever touches it. The event
 loop sends it commands (add, abort, stop) through a queue that the thread
 applies between steps; outputs travel back with loop.call_soon_threadsafe.
+The one exception is its grammar compiler, thread-safe by design: requests'
+grammars compile in worker threads, never in the engine's step loop.
 """
 
 import asyncio
@@ -16,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine import LLMEngine, RequestOutput, SamplingParams
+from engine import LLMEngine, RequestOutput, SamplingParams, StructuredOutputsParams
 from engine.host.malloc import keep_freed_host_memory
 from engine.host.openmp import release_thread_pool
 from engine.runtime.llm_engine import PromptType
@@ -205,6 +207,11 @@ class AsyncEngine:
             self._live.discard(group)
             raise
         return group
+
+    async def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile a request's grammar in a worker thread, into the engine's
+        cache (add_request then only copies it). ValueError if it does not compile."""
+        await asyncio.to_thread(self.engine.structured.compiler.compile, spec)
 
     def abort(self, request_ids: list[str]) -> None:
         self._commands.put(_Abort(list(request_ids)))

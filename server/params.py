@@ -4,7 +4,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
-from engine import KVUsage, RequestOutput, SamplingParams
+from engine import KVUsage, RequestOutput, SamplingParams, StructuredOutputsParams
 from engine.runtime.llm_engine import PromptType
 from kv_manager.policies import KV_POLICY_FIELDS
 from server.async_engine import EngineRequest
@@ -42,6 +42,7 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """One engine request's params (n=1: the server fans out n requests itself).
     The engine's ValueError becomes a 400 naming the field."""
@@ -61,6 +62,7 @@ def build_sampling_params(
             max_tokens=max_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured_outputs,
             **kwargs,
         )
     except ValueError as e:

@@ -40,6 +40,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema the output must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow a BaseModel method: aliased.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # outputs always follow the schema here
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's structured_outputs field: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # "json" would shadow a BaseModel method: aliased.
+    json_schema: str | dict[str, Any] | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _OpenAISamplingFields(BaseModel):
     """Fields shared by completion and chat requests, named as OpenAI and vLLM name them."""
 
@@ -74,6 +106,14 @@ class _OpenAISamplingFields(BaseModel):
     skip_special_tokens: bool = True
     # Top-N per prompt token (vLLM's); not with stream, as vLLM.
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Structured output: OpenAI's response_format (vLLM takes it on
+    # completions too), vLLM's guided_* fields and their newer form.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
 
 def _kv_request_field(setting: KVSetting) -> tuple[Any, Any]:
@@ -201,18 +241,11 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

@@ -24,6 +24,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.serving import Delta, GenerationServer
+from server.structured_output import structured_outputs_for
 
 
 def render_messages(
@@ -53,8 +54,6 @@ def render_messages(
 def _validate(request: ChatCompletionRequest) -> None:
     if request.tools:
         raise BadRequestError("tools are not supported", "tools")
-    if request.response_format is not None and request.response_format.type != "text":
-        raise BadRequestError("only response_format type 'text' is supported", "response_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise BadRequestError("top_logprobs needs logprobs set to true", "top_logprobs")
     check_prompt_logprobs(request)
@@ -74,7 +73,10 @@ class ChatServer(GenerationServer):
         max_tokens = request.max_completion_tokens or request.max_tokens  # None: to the context
         # A stream never shows prompt logprobs: compute them for whole responses only.
         prompt_logprobs = None if request.stream else request.prompt_logprobs
-        params = build_sampling_params(request, max_tokens, _top_n(request), prompt_logprobs)
+        structured = await structured_outputs_for(self.engine, request)
+        params = build_sampling_params(
+            request, max_tokens, _top_n(request), prompt_logprobs, structured
+        )
         return await self._generate(request, raw, [prompt], params)
 
     def _response(

@@ -17,6 +17,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.serving import Delta, GenerationServer
+from server.structured_output import structured_outputs_for
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -54,8 +55,13 @@ class CompletionServer(GenerationServer):
         check_prompt_logprobs(request)
         prompts = prompt_list(request.prompt)
         max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+        structured = await structured_outputs_for(self.engine, request)
         params = build_sampling_params(
-            request, max_tokens, request.logprobs, _engine_prompt_logprobs(request)
+            request,
+            max_tokens,
+            request.logprobs,
+            _engine_prompt_logprobs(request),
+            structured,
         )
         return await self._generate(request, raw, prompts, params)
 

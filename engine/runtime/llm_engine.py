@@ -24,6 +24,7 @@ from engine.runtime.outputs import RequestOutput
 from engine.runtime.prompt_logprobs import PromptRows, rows_to_score
 from engine.runtime.sampler import SampledToken, sample
 from engine.runtime.sampling_params import SamplingParams
+from engine.runtime.structured_output import StructuredOutput
 from kv_manager import KVCacheManager
 from kv_manager.policies import SequencePolicy
 from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
@@ -53,12 +54,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
         self.pool_tokens = num_blocks * config.block_size
-        if self.pool_tokens < self.max_model_len:
-            logger.info(
-                "KV pool holds %d tokens, less than the context of %d: a full request "
-                "must fit in it whole; an evicting one needs its budget + one chunk (%d)",
-                self.pool_tokens, self.max_model_len, config.max_num_batched_tokens,
-            )  # fmt: skip
+        self._log_pool_size()
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.dtype, self.device
@@ -85,6 +81,13 @@ class LLMEngine:
         self.vocab_size = self.model.compute_logits(
             torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         ).shape[-1]
+        # Structured output: grammars compiled on first use (from the
+        # tokenizer's file), each step's masks, and their timings.
+        self.structured = StructuredOutput(
+            folder / "tokenizer.json" if self.tokenizer else None,
+            self.vocab_size,
+            self.eos_token_ids,
+        )
         # Test hook (tests/test_faults.py): called for each request that got a
         # token, before its stop checks; whatever it raises fails that request
         # alone, as a bug in the detokenizer or the stop checks would.
@@ -95,6 +98,14 @@ class LLMEngine:
         self.peak_kv_blocks_used = 0
 
     # -- setup ---------------------------------------------------------------
+
+    def _log_pool_size(self) -> None:
+        if self.pool_tokens < self.max_model_len:
+            logger.info(
+                "KV pool holds %d tokens, less than the context of %d: a full request "
+                "must fit in it whole; an evicting one needs its budget + one chunk (%d)",
+                self.pool_tokens, self.max_model_len, self.config.max_num_batched_tokens,
+            )  # fmt: skip
 
     def _max_model_len(self) -> int:
         """The model's context, not capped by the pool: an evicting sequence
@@ -144,6 +155,7 @@ class LLMEngine:
         max_tokens = self._check_lengths(prompt_ids, params, kv_settings.evicts)
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", list(params.logit_bias or ()))
+        grammar = self.structured.new_sequence(params.structured_outputs)
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids) | (
@@ -155,6 +167,7 @@ class LLMEngine:
             generator,
             stop_ids,
             make_tokenizer_state(self.tokenizer, prompt_ids, params),
+            grammar=grammar,
         )
         kv = SequencePolicy.resolve(kv_settings, len(prompt_ids), seed)
         self.scheduler.add_request(Request(request_id, prompt_ids, max_tokens, kv=kv))
@@ -241,7 +254,11 @@ class LLMEngine:
         for request_id, entries in ran.prompt_logprobs.items():
             self._states[request_id].prompt_logprobs.extend(entries)
         sampling = [c.request for c in sched.chunks if c.samples]
-        rows = [self._states[r.request_id].sampling_row(r) for r in sampling]
+        states = [self._states[r.request_id] for r in sampling]
+        # Grammar masks first, as vLLM: the sampler's logprobs, bias and
+        # penalties all see the masked logits.
+        self.structured.mask(ran.logits, [s.grammar for s in states])
+        rows = [s.sampling_row(r) for s, r in zip(states, sampling, strict=True)]
         tokens = sample(ran.logits, rows)
         by_id = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
         updated = self.scheduler.update_from_output(

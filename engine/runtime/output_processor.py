@@ -16,6 +16,7 @@ from engine.runtime.outputs import (
 )
 from engine.runtime.sampler import SampledToken, SamplingRow
 from engine.runtime.sampling_params import SamplingParams
+from engine.runtime.structured_output import SequenceGrammar
 from scheduler import Request, RequestStatus
 
 
@@ -38,6 +39,8 @@ class RequestState:
     # Prompt entries whose tokens are decoded (decoding waits for the first
     # token, so that a failure there fails this request alone).
     prompt_decoded: int = 0
+    # Where the output stands in its grammar (structured output), else None.
+    grammar: SequenceGrammar | None = None
     # Characters held back from streaming while they could start a stop string.
     holdback: int = field(init=False)
 
@@ -63,6 +66,8 @@ def process_token(request: Request, state: RequestState, sampled: SampledToken) 
     """Account for the token just appended to `request`; returns its new status
     (RUNNING, or a finished state)."""
     token = sampled.token_id
+    if state.grammar is not None:
+        state.grammar.advance(token)
     _decode_prompt_logprobs(state)
     if state.logprobs is not None and sampled.top_logprobs is not None:
         _decode_logprobs(state, sampled.top_logprobs)
@@ -78,6 +83,10 @@ def process_token(request: Request, state: RequestState, sampled: SampledToken) 
         past_min = len(request.output_token_ids) > state.params.min_tokens
         if delta and state.params.stop and past_min and _check_stop_strings(state, len(delta)):
             return RequestStatus.FINISHED_STOPPED
+    if state.grammar is not None and state.grammar.finished:
+        # Complete (the grammar takes nothing but end-of-text): a "stop", as
+        # an end-of-text token would be, without spending a step on one.
+        return RequestStatus.FINISHED_STOPPED
     if len(request.output_token_ids) >= request.max_tokens:
         return RequestStatus.FINISHED_LENGTH
     return RequestStatus.RUNNING

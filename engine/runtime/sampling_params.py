@@ -3,6 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
+from engine.runtime.structured_output.params import StructuredOutputsParams
 from kv_manager.policies import KVPolicyOverrides
 
 # Below this a temperature means greedy decoding.
@@ -40,6 +41,10 @@ class SamplingParams(KVPolicyOverrides):
     # Token id -> value added to its logit before sampling (vLLM's, OpenAI's).
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    # What the output must follow (a JSON schema, regex, choice, grammar;
+    # vLLM's field): the engine masks every step's logits to it and finishes
+    # the sequence when it is complete. A dict is taken as its keyword arguments.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the KV fields
@@ -50,6 +55,8 @@ class SamplingParams(KVPolicyOverrides):
         if self.top_k == -1:
             self.top_k = 0
         self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
         self._validate_logit_bias()
 
