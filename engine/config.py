@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import yaml
 
+from engine.host import cpu_features
 from kv_manager.policies import KVPolicyDefaults
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +55,8 @@ class EngineConfig(KVPolicyDefaults):
     # A folder with config.json + safetensors, a .gguf file, or None for the
     # embedded default (SmolLM2-135M-Instruct).
     model: str | None = None
-    # "auto": float32 on CPU, bfloat16 on CUDA.
+    # "auto": bfloat16 on CUDA, and on a CPU that multiplies bfloat16 in
+    # hardware (AVX-512-BF16 or AMX); float32 on other CPUs.
     dtype: str = "auto"
     # "auto": CUDA when available.
     device: str = "auto"
@@ -104,6 +106,9 @@ class EngineConfig(KVPolicyDefaults):
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device().type == "cuda" or cpu_features.has_bf16_matmul():
+            return torch.bfloat16
+        # Without bfloat16 instructions oneDNN converts in software: float32 is faster.
+        return torch.float32

@@ -14,6 +14,11 @@ from server.limits import DEFAULT_MAX_WAITING
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name for clients
 _KV_DEFAULTS = {s.name: s.default for s in KV_SETTINGS}
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = (
+    "weights, activations and KV cache (default auto: bfloat16 on CUDA and on CPUs with "
+    "AVX-512-BF16 or AMX, float32 on other CPUs)"
+)
 
 
 def engine_config(config_path: str | None, overrides: dict) -> EngineConfig:
@@ -211,7 +216,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' (default: $KEYSERVE_API_KEY; unset: no auth; "
         "empty: refused)",
     )
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
     serve.add_argument("--device", help="auto, cpu or cuda[:N]")
     pool = serve.add_mutually_exclusive_group()
     pool.add_argument("--kv-cache-bytes", help="KV pool size, e.g. 512MiB, 2GB")
@@ -236,7 +241,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M)")
     gen.add_argument("--config", help="YAML config (see configs/default.yaml)")
-    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
     gen.add_argument("--device")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

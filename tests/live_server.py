@@ -51,10 +51,12 @@ MODEL_NAME = "smollm2-test"
 def smollm2_engine():
     """The embedded SmolLM2 with a small KV pool (64 MiB: about 1400 tokens).
     Requests keep every token unless they set a KV policy (the server tests
-    compare outputs token for token)."""
+    compare outputs token for token). float32 whatever `auto` picks here: the
+    pool's token count is float32's, and greedy tokens do not flip with the
+    batch a request lands in (bfloat16's rounding can flip near-ties)."""
     from engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(kv_cache_bytes="64MiB", kv_policy="full"))
+    return LLMEngine(EngineConfig(kv_cache_bytes="64MiB", kv_policy="full", dtype="float32"))
 
 
 def wait_pool_whole(server, timeout=10.0):

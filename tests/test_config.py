@@ -2,9 +2,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine.config import EngineConfig, parse_bytes
+from engine.host import cpu_features
 from kv_manager.policies import KV_POLICY_FIELDS, KVPolicySettings
 from server.config import ServeConfig
 
@@ -118,3 +120,49 @@ def test_parse_bytes(text, expected):
 def test_bad_values_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**kwargs)
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
+
+
+@pytest.mark.parametrize(
+    "flags, device, want",
+    [
+        ("avx512_bf16", "cpu", torch.bfloat16),
+        ("amx_bf16 amx_tile", "cpu", torch.bfloat16),
+        ("avx512_vnni", "cpu", torch.float32),
+        ("", "cpu", torch.float32),
+        ("", "cuda", torch.bfloat16),
+    ],
+)
+def test_auto_dtype_follows_the_cpu_flags(monkeypatch, tmp_path, flags, device, want):
+    """auto: bfloat16 where the CPU multiplies bf16 in hardware (flags read
+    from /proc/cpuinfo, here a stand-in) and on CUDA, float32 elsewhere; an
+    explicit dtype wins everywhere."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(extra=flags))
+    real_path = cpu_features.Path
+    monkeypatch.setattr(
+        cpu_features, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p)
+    )
+    cpu_features.cpu_flags.cache_clear()
+    try:
+        assert cpu_features.has_bf16_matmul() == (want == torch.bfloat16 and device == "cpu")
+        assert EngineConfig(device=device).torch_dtype() == want
+        assert EngineConfig(device=device, dtype="float32").torch_dtype() == torch.float32
+        assert EngineConfig(device=device, dtype="bfloat16").torch_dtype() == torch.bfloat16
+    finally:
+        cpu_features.cpu_flags.cache_clear()
+
+
+def test_cpu_flags_without_a_flags_line(monkeypatch, tmp_path):
+    """An Arm /proc/cpuinfo lists `Features`, no `flags`: no bf16 matmul, float32."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    monkeypatch.setattr(cpu_features, "Path", lambda p: cpuinfo)
+    cpu_features.cpu_flags.cache_clear()
+    try:
+        assert cpu_features.cpu_flags() == frozenset()
+        assert EngineConfig(device="cpu").torch_dtype() == torch.float32
+    finally:
+        cpu_features.cpu_flags.cache_clear()

@@ -18,7 +18,10 @@ NEW_TOKENS = 64
 @pytest.fixture(scope="module")
 def llm():
     # full: transformers keeps every token (the default policy, keyformer, would evict).
-    return LLM(max_num_batched_tokens=64, kv_cache_bytes="256MiB", kv_policy="full")
+    # float32 whatever `auto` picks on this CPU: the reference is transformers in float32.
+    return LLM(
+        max_num_batched_tokens=64, kv_cache_bytes="256MiB", kv_policy="full", dtype="float32"
+    )
 
 
 @pytest.fixture(scope="module")

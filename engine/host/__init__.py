@@ -1,1 +1,1 @@
-"""Host tuning of the engine process: OpenMP threads, malloc, huge pages."""
+"""Host tuning of the engine process: OpenMP threads, malloc, huge pages, CPU features."""

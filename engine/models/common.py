@@ -10,12 +10,18 @@ from torch import nn
 
 from engine.kernels.cpu import loaded as layer_ops_loaded
 
+# The dtypes the C++ layer ops take: bfloat16 rows are computed in float32
+# and rounded where transformers' bfloat16 modules round (layer_ops_cpu.cpp).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def _fused(*tensors: torch.Tensor) -> bool:
-    """The C++ layer ops apply: float32 CPU rows [T, ...] with a contiguous
-    last dim, and the kernels loaded. Anything else takes the torch ops."""
-    on_cpu = all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors
+    """The C++ layer ops apply: CPU rows [T, ...] of one dtype (float32 or
+    bfloat16) with a contiguous last dim, and the kernels loaded. Anything
+    else takes the torch ops."""
+    dtype = tensors[0].dtype
+    on_cpu = dtype in _KERNEL_DTYPES and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.stride(-1) == 1 for t in tensors
     )
     return on_cpu and layer_ops_loaded()
 
@@ -183,10 +189,12 @@ class RotaryEmbedding(nn.Module):
 
     def _rotate_in_place(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
         """Rotate q and k in place with the C++ op, where it applies: halves
-        (not pairs), float32 CPU heads laid out one after another."""
+        (not pairs), CPU heads laid out one after another, float32 tables."""
         if self.interleaved or q.dim() != 3 or positions.dtype != torch.int64:
             return False
-        if not _fused(q, k, self.cos) or q.stride(1) != q.shape[2] or k.stride(1) != k.shape[2]:
+        if self.cos.dtype != torch.float32 or self.cos.device.type != "cpu" or not _fused(q, k):
+            return False
+        if q.stride(1) != q.shape[2] or k.stride(1) != k.shape[2]:
             return False
         torch.ops.keyserve.rotary_(q, k, positions.contiguous(), self.cos, self.sin)
         return True

@@ -67,6 +67,22 @@ inline void store16(bf16* p, f32x16 v) {
   __builtin_memcpy(p, &half, sizeof(half));
 }
 
+// float32 values rounded to bfloat16's precision but kept in float32: where
+// a reference computes in bfloat16 op by op (each result rounded), a kernel
+// rounds the same intermediates and keeps the rest of its float32 code.
+inline f32x16 round_bf16(f32x16 v) {
+  u32x16 bits;
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+  bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  const u32x16 quiet_nan = u32x16{} + 0x7fc00000u;
+  bits = v != v ? quiet_nan : bits;
+  f32x16 out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float round_bf16(float x) { return to_f32(to_bf16(x)); }
+
 // dst[i] = src[i] for n values, widened or rounded as the types ask.
 inline void convert_row(const bf16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
