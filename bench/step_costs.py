@@ -35,6 +35,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-cache-blocks", type=int, default=1152)
     p.add_argument("--decode-steps", type=int, default=64, help="steps timed per policy")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="float32 by default, as the committed step_costs.md ran",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/performance/step_costs.md"))
     return p.parse_args()
 
@@ -74,7 +80,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(kv_cache_blocks=args.kv_cache_blocks, max_num_seqs=64)
+    llm = LLM(dtype=args.dtype, kv_cache_blocks=args.kv_cache_blocks, max_num_seqs=64)
     tok = llm.get_tokenizer()
     block = llm.engine.config.block_size
     full_slots = math.ceil((args.prompt_tokens + args.output_tokens) / block) * block
@@ -102,10 +108,11 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
         "# Step costs per KV policy",
         "",
         "Command: `python -m bench.step_costs "
-        + (f"--threads {args.threads}" if args.threads else "")
-        + "`",
+        + (f"--threads {args.threads} " if args.threads else "")
+        + f"--dtype {args.dtype}`",
         "",
-        f"{args.prompt_tokens}-token prompts, a pool of {args.kv_cache_blocks} blocks; "
+        f"{args.dtype}; {args.prompt_tokens}-token prompts, "
+        f"a pool of {args.kv_cache_blocks} blocks; "
         f"evicting policies at kv_ratio {args.kv_ratio}. Modeled run: {args.requests} "
         f"requests x {args.output_tokens} output tokens = every prompt pass, plus every "
         "output token at the decode tok/s of a full pool.",
