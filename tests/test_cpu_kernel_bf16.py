@@ -6,13 +6,12 @@ and a whole bfloat16 generation through the CPU backend agrees with the
 torch backend."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from portable_build import PORTABLE_FLAGS, compiler_defines, run_with_flags
 from tiny_models import build_tiny_model
 
 from engine import LLM, SamplingParams
@@ -144,16 +143,8 @@ def test_bf16_decode_refuses_mixed_dtypes(ops):
                                    0.125, logits)  # fmt: skip
 
 
-# The portable build's sources: just the two ops under test, so that it
-# compiles in seconds rather than the whole library's minutes.
 PORTABLE_SOURCES = ("paged_attention_cpu.cpp", "kv_write_cpu.cpp")
-PORTABLE_FLAGS = "-mno-avx512f"  # no AVX-512 at all, so none of its BF16 instructions
 PORTABLE_CHECK = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from engine.kernels import cpu
-sources = [s for s in cpu.SOURCES if s.name in {sources!r}]
-torch.ops.load_library(str(cpu._build(sources)))
 import test_cpu_kernel_bf16 as t
 for shape in t.SHAPES:
     t.check_decode(torch.ops.keyserve, *shape)
@@ -162,24 +153,13 @@ print("portable bf16 kernels agree")
 """
 
 
-def _defines(flags: list[str]) -> set[str]:
-    cxx = os.environ.get("CXX", "c++")
-    out = subprocess.run([cxx, "-march=native", *flags, "-dM", "-E", "-x", "c++", os.devnull],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    return {line.split()[1] for line in out.splitlines() if line.startswith("#define")}
-
-
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 instruction-set flags")
 def test_a_build_without_avx512_bf16_gives_the_same(ops):
     """The kernels built as for an x86 CPU without AVX-512 (the widening
     loads instead of VDPBF16PS, 16 lanes lowered to AVX2) pass the same
     checks, in a process of its own (one library per process)."""
-    assert "__AVX512BF16__" not in _defines(PORTABLE_FLAGS.split())
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, cpu_kernels.FLAGS_ENV: PORTABLE_FLAGS}
-    code = PORTABLE_CHECK.format(tests=tests, sources=PORTABLE_SOURCES)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=600, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert "__AVX512BF16__" not in compiler_defines(PORTABLE_FLAGS.split())
+    result = run_with_flags(PORTABLE_SOURCES, PORTABLE_CHECK)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "portable bf16 kernels agree" in result.stdout
 

@@ -7,13 +7,12 @@ AVX-512 gives the same; and the CPU backend in bfloat16, which now runs
 these kernels for its prompts, agrees with the torch backend."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_cpu_kernel_bf16 import PORTABLE_FLAGS, _CountingOps, _defines
+from portable_build import PORTABLE_FLAGS, compiler_defines, run_with_flags
+from test_cpu_kernel_bf16 import _CountingOps
 from tiny_models import build_tiny_model
 
 from engine import LLM, SamplingParams
@@ -171,11 +170,6 @@ PORTABLE_SOURCES = (
     "prefill_scored_cpu.cpp",
 )
 PORTABLE_CHECK = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from engine.kernels import cpu
-sources = [s for s in cpu.SOURCES if s.name in {sources!r}]
-torch.ops.load_library(str(cpu._build(sources)))
 import test_cpu_prompt_bf16 as t
 for case in t.PLAIN:
     t.check_plain(torch.ops.keyserve, *case)
@@ -190,12 +184,8 @@ def test_a_build_without_avx512_bf16_gives_the_same(ops):
     """The prompt kernels built as for an x86 CPU without AVX-512 (bf16
     widened into the float32 tiles instead of VDPBF16PS) pass the same
     checks, in a process of its own (one library per process)."""
-    assert "__AVX512BF16__" not in _defines(PORTABLE_FLAGS.split())
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, cpu_kernels.FLAGS_ENV: PORTABLE_FLAGS}
-    code = PORTABLE_CHECK.format(tests=tests, sources=PORTABLE_SOURCES)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=900, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert "__AVX512BF16__" not in compiler_defines(PORTABLE_FLAGS.split())
+    result = run_with_flags(PORTABLE_SOURCES, PORTABLE_CHECK, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "portable bf16 prompt kernels agree" in result.stdout
 

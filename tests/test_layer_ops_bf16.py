@@ -7,13 +7,11 @@ modules taking the C++ path in bfloat16; and a build without AVX-512 giving
 the same."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from portable_build import PORTABLE_FLAGS, compiler_defines, run_with_flags
 
 from engine.kernels import cpu as cpu_kernels
 from engine.models.common import RMSNorm, RotaryEmbedding, silu_and_mul
@@ -192,16 +190,9 @@ def test_bf16_modules_take_the_cpp_path(ops):
     assert got_q.data_ptr() == q.data_ptr()
 
 
-# The portable build: the layer ops alone (seconds, not the whole library's
-# minutes), as for an x86 CPU without AVX-512; the same checks in a process
-# of its own (one library per process).
-PORTABLE_FLAGS = "-mno-avx512f"
+# The portable build: the layer ops alone, as for an x86 CPU without AVX-512;
+# the same checks in a process of its own (one library per process).
 PORTABLE_CHECK = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from engine.kernels import cpu
-sources = [s for s in cpu.SOURCES if s.name == "layer_ops_cpu.cpp"]
-torch.ops.load_library(str(cpu._build(sources)))
 import test_layer_ops_bf16 as t
 t.check_all(torch.ops.keyserve)
 print("portable bf16 layer ops agree")
@@ -210,12 +201,7 @@ print("portable bf16 layer ops agree")
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 instruction-set flags")
 def test_a_build_without_avx512_gives_the_same(ops):
-    from test_cpu_kernel_bf16 import _defines
-
-    assert "__AVX512F__" not in _defines(PORTABLE_FLAGS.split())
-    env = {**os.environ, cpu_kernels.FLAGS_ENV: PORTABLE_FLAGS}
-    code = PORTABLE_CHECK.format(tests=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=600, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert "__AVX512F__" not in compiler_defines(PORTABLE_FLAGS.split())
+    result = run_with_flags(("layer_ops_cpu.cpp",), PORTABLE_CHECK)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "portable bf16 layer ops agree" in result.stdout
