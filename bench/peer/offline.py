@@ -23,6 +23,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.paired import paired_ratios
 from bench.provenance import cpu_description, describe, git_provenance, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "performance"
@@ -120,7 +121,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[int, float]]])
     sizes = {}
     for n in args.sizes:
         tok = {side: [n * args.output_tokens / r[n] for r in rs] for side, rs in runs.items()}
-        ratios = [k / v for k, v in zip(tok["keyserve"], tok["vllm"], strict=True)]
+        ratios = paired_ratios(runs["vllm"], runs["keyserve"], n)
         sizes[n] = {
             "vllm_tok_s": tok["vllm"],
             "keyserve_tok_s": tok["keyserve"],
