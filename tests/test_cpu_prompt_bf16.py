@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bf16_bounds import assert_bf16_close
 from portable_build import PORTABLE_FLAGS, compiler_defines, run_with_flags
 from test_cpu_kernel_bf16 import _CountingOps
 from tiny_models import build_tiny_model
@@ -73,28 +74,12 @@ def _reference(q, k, v, scale):
     return out, mag
 
 
-def _assert_bf16_close(out, ref, mag):
-    """Every element within its bound: the output's rounding (bf16 keeps 8
-    significant bits: 2^-8 of it) plus the probabilities' (2^-8 of P |V|)
-    plus float32 slack; and the
-    error's RMS at most 1.6x that of rounding the exact output once (it is
-    1.0x on the widening path, ~1.25x with P in bf16): a wrong key or
-    weight anywhere shows."""
-    assert out.dtype == torch.bfloat16
-    err = (out.float() - ref).abs()
-    bound = 2**-8 * ref.abs() + (2**-8 * 1.01 + 1e-5) * mag + 1e-6
-    worst = (err - bound).max()
-    assert worst <= 0, f"{int((err > bound).sum())} elements over the bound, by up to {worst}"
-    rounding = (ref.bfloat16().float() - ref).pow(2).mean().sqrt()
-    assert err.pow(2).mean().sqrt() <= 1.6 * rounding + 1e-7
-
-
 def check_plain(ops, n, S, Hq, Hkv, D):
     q, k, v = _inputs(n, S, Hq, Hkv, D, seed=n + S + D)
     scale = D**-0.5
     out = torch.empty(n, Hq, D, dtype=torch.bfloat16)
     ops.prefill_attention(out, q, k, v, scale)
-    _assert_bf16_close(out, *_reference(q, k, v, scale))
+    assert_bf16_close(out, *_reference(q, k, v, scale))
 
 
 def _score_inputs(n, S, Hkv, policy, g):
@@ -137,7 +122,7 @@ def check_scored(ops, n, S, Hq, Hkv, D, policy):
         return out, scores
 
     out, scores = run(q, k, v)
-    _assert_bf16_close(out, *_reference(q, k, v, scale))
+    assert_bf16_close(out, *_reference(q, k, v, scale))
     want = _reference_scores(q, k, key_pos, query_pos, tau, use_noise, scale) + 0.5
     torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
     # The float32 kernel on the upcast inputs: the same scores.

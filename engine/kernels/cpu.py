@@ -41,6 +41,7 @@ HEADERS = [
         "prompt_tiles.h",
         "prompt_tiles_bf16.h",
         "prompt_paths.h",
+        "decode_tiles_bf16.h",
         "eviction_scores.h",
     )
 ]

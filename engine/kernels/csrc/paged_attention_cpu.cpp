@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "decode_tiles_bf16.h"
 #include "vector_math.h"
 
 #if defined(__AVX512BF16__)
@@ -197,6 +198,11 @@ void prefetch_block(const T* k, const T* v, int64_t elements) {
 // Per-thread buffers, reused across work items.
 struct Scratch {
   std::vector<float> scores, rescale, max, sum, acc, q;
+  std::vector<uint32_t> pairs;  // bf16 probability pairs (decode_tiles_bf16.h)
+  // The first block of the thread's next work item (null after its last).
+  const void* next_k = nullptr;
+  const void* next_v = nullptr;
+  int64_t next_elems = 0;
 };
 
 // The query rows as float: float32 ones in place, bf16 ones widened into
@@ -280,6 +286,86 @@ void attend_heads(const T* q_rows, const T* k_cache, const T* v_cache, const int
   normalize_rows(w.acc.data(), w.sum.data(), rows, dim, out + h0 * G * dim);
 }
 
+#if defined(__AVX512BF16__)
+// The stretch of memory attend_heads_dpbf16 asks for while it computes a
+// block: the sequence's next block, or after its last one the first block
+// of the thread's next work item (Scratch::next_item), so that no block but
+// a thread's very first is read cold. Each KV head's pass takes its share.
+keyserve::decode::dot::Prefetch head_share(const bf16* k, const bf16* v, int64_t elements,
+                                           int64_t h, int64_t heads) {
+  const int64_t part = (elements / heads + 31) / 32 * 32, off = h * part;
+  if (k == nullptr || off >= elements) return {nullptr, nullptr, 0};
+  const auto bytes = static_cast<int64_t>(std::min(part, elements - off) * sizeof(bf16));
+  return {reinterpret_cast<const char*>(k + off), reinterpret_cast<const char*>(v + off), bytes};
+}
+
+// attend_heads for bf16 caches of head size D (64 or 128) on a CPU with
+// AVX-512-BF16: the same walk over the blocks with decode_tiles_bf16.h's
+// loops, and the accumulators put back in dimension order at the end.
+template <int64_t D>
+void attend_heads_dpbf16(const bf16* q, const bf16* k_cache, const bf16* v_cache,
+                         const int64_t* blocks, int64_t n, const Shapes& s, int64_t h0,
+                         int64_t h1, float scale, float* logits, bf16* out, Scratch& w) {
+  namespace dot = keyserve::decode::dot;
+  const int64_t G = s.group, bs = s.block_size;
+  const int64_t stride = s.num_kv_heads * D, rows = (h1 - h0) * G;
+  w.scores.resize(G * bs);
+  w.pairs.resize(G * ((bs + 1) / 2));
+  w.rescale.resize(G);
+  w.max.assign(rows, -std::numeric_limits<float>::infinity());
+  w.sum.assign(rows, 0.f);
+  w.acc.assign(rows * D, 0.f);
+  const int64_t block_elems = bs * stride;
+  for (int64_t start = 0, j = 0; start < n; start += bs, ++j) {
+    const int64_t count = std::min(bs, n - start), pairs = (count + 1) / 2;
+    const bf16* kb = k_cache + blocks[j] * block_elems;
+    const bf16* vb = v_cache + blocks[j] * block_elems;
+    const bool last = start + bs >= n;
+    const bf16* next_k = last ? static_cast<const bf16*>(w.next_k) : k_cache + blocks[j + 1] * block_elems;
+    const bf16* next_v = last ? static_cast<const bf16*>(w.next_v) : v_cache + blocks[j + 1] * block_elems;
+    const int64_t next_elems = last ? w.next_elems : std::min(bs, n - start - bs) * stride;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t r = (h - h0) * G;
+      float* sc = w.scores.data();
+      dot::key_scores<D>(q + h * G * D, kb + h * D, stride, count, G, scale, sc,
+                         head_share(next_k, next_v, next_elems, h - h0, h1 - h0));
+      if (logits != nullptr) {
+        for (int64_t g = 0; g < G; ++g)
+          std::copy(sc + g * count, sc + (g + 1) * count,
+                    logits + (h * G + g) * s.logits_width + start);
+      }
+      online_softmax(sc, count, G, w.max.data() + r, w.sum.data() + r, w.rescale.data());
+      dot::pair_probabilities(sc, count, G, pairs, w.pairs.data());
+      dot::accumulate_values<D>(w.pairs.data(), pairs, w.rescale.data(), vb + h * D, stride,
+                                count, G, w.acc.data() + r * D);
+    }
+  }
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = 1.f / w.sum[row];
+    const float* a = w.acc.data() + row * D;
+    bf16* o = out + (h0 * G + row) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = keyserve::to_bf16(a[dot::interleaved_slot(d)] * inv);
+  }
+}
+#endif
+
+// The work item's function for this dtype, head size and group.
+template <typename T>
+auto attend_function(int64_t D, int64_t group) {
+  using Fn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, const Shapes&,
+                      int64_t, int64_t, float, float*, T*, Scratch&);
+  if (group > kMaxGroup) return static_cast<Fn>(&attend_heads<0, T>);
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (D == 64) return static_cast<Fn>(&attend_heads_dpbf16<64>);
+    if (D == 128) return static_cast<Fn>(&attend_heads_dpbf16<128>);
+  }
+#endif
+  return D == 64    ? static_cast<Fn>(&attend_heads<64, T>)
+         : D == 128 ? static_cast<Fn>(&attend_heads<128, T>)
+                    : static_cast<Fn>(&attend_heads<0, T>);
+}
+
 void check_inputs(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                   const at::Tensor& num_keys, const at::Tensor& logits_out) {
@@ -313,21 +399,24 @@ void attend_batch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cach
   T* op = elements<T>(out);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = num_keys.data_ptr<int64_t>();
-  const bool vector = s.group <= kMaxGroup;
-  auto attend = !vector      ? &attend_heads<0, T>
-                : D == 64  ? &attend_heads<64, T>
-                : D == 128 ? &attend_heads<128, T>
-                           : &attend_heads<0, T>;
+  const auto attend = attend_function<T>(D, s.group);
   // A sequence per work item reads its rows whole; with fewer sequences than
   // two per thread, split them by KV head so that every thread has work.
   const int64_t split = B >= 2 * at::get_num_threads() ? 1 : s.num_kv_heads;
   const int64_t heads_per_item = s.num_kv_heads / split;
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
     Scratch w;
+    const int64_t block_elems = s.block_size * s.num_kv_heads * D;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / split, h0 = (item % split) * heads_per_item;
       const int64_t n = lens[b];
       TORCH_CHECK(n > 0 && n <= s.max_blocks * s.block_size, "num_keys out of range");
+      const bool more = item + 1 < end;
+      const int64_t next_b = more ? (item + 1) / split : b;
+      const int64_t first = tables[next_b * s.max_blocks];
+      w.next_k = more ? kp + first * block_elems : nullptr;
+      w.next_v = more ? vp + first * block_elems : nullptr;
+      w.next_elems = more ? std::min(s.block_size, lens[next_b]) * s.num_kv_heads * D : 0;
       attend(qp + b * Hq * D, kp, vp, tables + b * s.max_blocks, n, s, h0, h0 + heads_per_item,
              scale, lp != nullptr ? lp + b * Hq * s.logits_width : nullptr, op + b * Hq * D, w);
     }

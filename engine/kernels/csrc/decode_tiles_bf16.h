@@ -1,0 +1,188 @@
+// Decode attention's inner loops for bfloat16 caches on a CPU with
+// AVX-512-BF16 (paged_attention_cpu.cpp's generic loops widen every K and V
+// element to float32 instead).
+//
+// One query row per head makes decode a matrix-vector product, and the
+// generic code spent most of its time on bookkeeping rather than on the
+// products: a horizontal sum per key and query head for q.k, and per key two
+// widening instructions per 16 values plus one float32 FMA per value for
+// P V. Here:
+// - q.k: VDPBF16PS gives each key a vector of 16 partial sums; 16 keys'
+//   vectors are summed lane-wise by a transpose-and-add tree (45 shuffles
+//   and adds for 16 keys, where one horizontal sum per key takes 8).
+// - P V: two adjacent keys' value rows are interleaved in registers
+//   (VPUNPCK{L,H}WD), so VDPBF16PS adds both keys' products per dimension in
+//   one instruction against a broadcast pair of probabilities. The
+//   probabilities are rounded to bf16 for it, as the prompt kernels and
+//   flash-attention do (the normalizer stays the float32 sum of the
+//   unrounded ones). The interleave leaves the dimensions of each 32-value
+//   chunk in an order of its own in the accumulators; natural_order undoes
+//   it once per head at the end.
+#pragma once
+
+#if defined(__AVX512BF16__)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "bf16.h"
+
+namespace keyserve::decode::dot {
+
+constexpr int64_t kKeysPerTree = 16;
+
+// The 16 lane sums of v[0..16) as one vector (lane i: the sum of v[i]).
+inline __m512 sum_lanes16(__m512 v[16]) {
+  __m512 pairs[8], quads[4], octs[2];
+  for (int i = 0; i < 8; ++i) {  // each 128-bit chunk: 2 partial sums of v[2i], v[2i+1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // each chunk: one partial sum of each of 4 vectors
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i) {  // chunks: halves of the sums of 4 vectors, twice
+    octs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                            _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], 0x88),
+                       _mm512_shuffle_f32x4(octs[0], octs[1], 0xdd));
+}
+
+// scores[g * count + i] = scale * q[g] . k_i for G query rows q [G, D]
+// against `count` key rows k + i * stride.
+// Memory to ask for while a block is computed: one line of K and one of V
+// per key and query head, from k and v on, until `bytes` of each. Spread
+// over the block's work rather than asked for at once: a burst of a whole
+// block's lines fills the core's miss buffers and stalls the arithmetic
+// until they drain, so that reading and computing took turns (measured on
+// the 2-core EPYC: 16 sequences x 576 keys x 30 layers, one thread, 28 ->
+// 22 ms a step).
+struct Prefetch {
+  const char* k;
+  const char* v;
+  int64_t bytes;
+};
+
+template <int64_t D>
+void key_scores(const bf16* q, const bf16* k, int64_t stride, int64_t count, int64_t G,
+                float scale, float* scores, Prefetch ahead) {
+  constexpr int64_t C = D / 32;
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t cursor = 0;
+  for (int64_t i0 = 0; i0 < count; i0 += kKeysPerTree) {
+    const int64_t n = std::min(kKeysPerTree, count - i0);
+    const __mmask16 keep = n == kKeysPerTree ? 0xffff : (1u << n) - 1;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512bh qv[C];
+      for (int64_t c = 0; c < C; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c);
+      __m512 partial[kKeysPerTree];
+      for (int64_t i = 0; i < kKeysPerTree; ++i) {
+        partial[i] = _mm512_setzero_ps();
+        if (i >= n) continue;
+        if (cursor < ahead.bytes) {
+          __builtin_prefetch(ahead.k + cursor, 0, 1);
+          __builtin_prefetch(ahead.v + cursor, 0, 1);
+          cursor += 64;
+        }
+        const bf16* row = k + (i0 + i) * stride;
+        for (int64_t c = 0; c < C; ++c) {
+          const __m512bh kv = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+          partial[i] = _mm512_dpbf16_ps(partial[i], qv[c], kv);
+        }
+      }
+      _mm512_mask_storeu_ps(scores + g * count + i0, keep,
+                            _mm512_mul_ps(sum_lanes16(partial), s));
+    }
+  }
+}
+
+// p [G][count] float32 -> [G][pairs] words of two adjacent keys'
+// probabilities rounded to bf16 (a zero after an odd count's last key).
+inline void pair_probabilities(const float* p, int64_t count, int64_t G, int64_t pairs,
+                               uint32_t* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* row = p + g * count;
+    uint32_t* dst = out + g * pairs;
+    for (int64_t j = 0; j < 2 * pairs; j += 32) {
+      const int64_t left = count - j;
+      const __mmask16 lo = left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1;
+      const __mmask16 hi = left >= 32 ? 0xffff : left <= 16 ? 0 : (1u << (left - 16)) - 1;
+      const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, row + j + 16),
+                                                  _mm512_maskz_loadu_ps(lo, row + j));
+      const int64_t words = std::min<int64_t>(16, pairs - j / 2);
+      _mm512_mask_storeu_epi32(dst + j / 2, words == 16 ? 0xffff : (1u << words) - 1,
+                               (__m512i)packed);
+    }
+  }
+}
+
+// acc[r] = acc[r] * rescale[r] + sum_j p[r][j] v_j for R query rows over
+// `count` value rows v + j * stride; p: [R][pairs] words (pair_probabilities),
+// rows `pairs` words apart; acc in the interleaved order (see the top).
+template <int64_t D, int R>
+void accumulate_rows(const uint32_t* p, int64_t pairs, const float* rescale, const bf16* v,
+                     int64_t stride, int64_t count, float* acc) {
+  constexpr int64_t C = D / 32;
+  __m512 lo[R][C], hi[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512 f = _mm512_set1_ps(rescale[r]);
+      lo[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 32 * c), f);
+      hi[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 32 * c + 16), f);
+    }
+  for (int64_t i = 0; i < pairs; ++i) {
+    const bf16* even = v + 2 * i * stride;
+    const bool has_odd = 2 * i + 1 < count;  // past the last key: zeros, never memory
+    __m512bh pp[R];
+    for (int r = 0; r < R; ++r) pp[r] = (__m512bh)_mm512_set1_epi32(p[r * pairs + i]);
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512i a = _mm512_loadu_si512(even + 32 * c);
+      const __m512i b = has_odd ? _mm512_loadu_si512(even + stride + 32 * c) : _mm512_setzero_si512();
+      const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int r = 0; r < R; ++r) {
+        lo[r][c] = _mm512_dpbf16_ps(lo[r][c], pp[r], low);
+        hi[r][c] = _mm512_dpbf16_ps(hi[r][c], pp[r], high);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      _mm512_storeu_ps(acc + r * D + 32 * c, lo[r][c]);
+      _mm512_storeu_ps(acc + r * D + 32 * c + 16, hi[r][c]);
+    }
+}
+
+// Query rows per register block: 2 * R * C accumulators, R broadcasts and
+// two interleaved value vectors within the 32 vector registers.
+template <int64_t D>
+constexpr int kValueRows = D == 64 ? 4 : 2;
+
+template <int64_t D>
+void accumulate_values(const uint32_t* p, int64_t pairs, const float* rescale, const bf16* v,
+                       int64_t stride, int64_t count, int64_t G, float* acc) {
+  constexpr int R = kValueRows<D>;
+  int64_t g = 0;
+  for (; g + R <= G; g += R)
+    accumulate_rows<D, R>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D);
+  for (; g < G; ++g)
+    accumulate_rows<D, 1>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D);
+}
+
+// Where dimension d of a row sits in the interleaved accumulators: within
+// each 32-value chunk, VPUNPCKLWD took dimensions 8L..8L+3 of each 128-bit
+// lane L into float lanes 4L..4L+3 of the first vector, VPUNPCKHWD
+// dimensions 8L+4..8L+7 into the same lanes of the second.
+constexpr int64_t interleaved_slot(int64_t d) {
+  const int64_t chunk = d / 32, r = d % 32, lane = r / 8, w = r % 8;
+  return 32 * chunk + (w < 4 ? 0 : 16) + 4 * lane + w % 4;
+}
+
+}  // namespace keyserve::decode::dot
+
+#endif  // __AVX512BF16__
