@@ -42,13 +42,32 @@ def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str
     return [FULL] + [(p, b) for p in policies if p != "full" for b in budgets]
 
 
+# A policy label's observation window: "keyformer+w32" is keyformer with
+# score_window 32 (its results keep the label, beside plain keyformer's).
+WINDOW_MARK = "+w"
+
+
+def policy_fields(label: str) -> dict[str, Any]:
+    """The request's KV fields a policy label names: "snapkv", "keyformer+w32"."""
+    name, mark, window = label.partition(WINDOW_MARK)
+    fields: dict[str, Any] = {"kv_policy": name}
+    if mark:
+        fields["score_window"] = int(window)
+    return fields
+
+
+def valid_policy_label(label: str, names: Sequence[str]) -> bool:
+    name, mark, window = label.partition(WINDOW_MARK)
+    return name in names and (not mark or (window.isdigit() and int(window) > 0 and name != "full"))
+
+
 def params(
     item: Item, index: int, policy: str, budget: float, kv: KVOptions = KVOptions()
 ) -> SamplingParams:
     """Greedy; kv_min_tokens 0 by default so the ratio applies to short
     prompts too (it is also the floor a squeeze stops at); a fixed seed per
     item keeps Keyformer's noise reproducible."""
-    fields: dict[str, Any] = {"kv_policy": policy}
+    fields = policy_fields(policy)
     if policy != "full":
         fields.update(kv_ratio=budget, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
         if kv.max_tokens is not None:
