@@ -35,8 +35,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--policies",
         type=_csv(str),
         default=list(POLICIES),
-        help="policies to run; NAME+wN scores NAME's prompt by its last N queries "
-        "(score_window N: keyformer+w32, h2o+w32, snapkv+w64)",
+        help="policies to run, each with options after +: wN score_window N (the "
+        "prompt scored by its last N queries), kN snapkv_kernel N, avg snapkv_pooling avg, "
+        "frozen decode_scoring frozen; e.g. keyformer+w32, snapkv+frozen, snapkv+k1",
     )
     p.add_argument("--budgets", type=_csv(float), default=[0.2, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--tasks", type=_csv(str), default=list(TASKS))

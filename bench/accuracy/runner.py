@@ -42,23 +42,35 @@ def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str
     return [FULL] + [(p, b) for p in policies if p != "full" for b in budgets]
 
 
-# A policy label's observation window: "keyformer+w32" is keyformer with
-# score_window 32 (its results keep the label, beside plain keyformer's).
-WINDOW_MARK = "+w"
+# A policy label names a policy and, after "+", options of it (each run's
+# results keep the whole label, beside the plain policy's): wN score_window
+# N, kN snapkv_kernel N, avg snapkv_pooling avg, frozen decode_scoring
+# frozen. "keyformer+w32", "snapkv+w64+frozen", "snapkv+k1".
+_FLAGS = {"avg": ("snapkv_pooling", "avg"), "frozen": ("decode_scoring", "frozen")}
+_NUMBERS = {"w": "score_window", "k": "snapkv_kernel"}
 
 
 def policy_fields(label: str) -> dict[str, Any]:
-    """The request's KV fields a policy label names: "snapkv", "keyformer+w32"."""
-    name, mark, window = label.partition(WINDOW_MARK)
+    """The request's KV fields a policy label names (ValueError if unknown)."""
+    name, *options = label.split("+")
     fields: dict[str, Any] = {"kv_policy": name}
-    if mark:
-        fields["score_window"] = int(window)
+    for option in options:
+        if option in _FLAGS:
+            key, value = _FLAGS[option]
+            fields[key] = value
+        elif option[:1] in _NUMBERS and option[1:].isdigit() and int(option[1:]) > 0:
+            fields[_NUMBERS[option[0]]] = int(option[1:])
+        else:
+            raise ValueError(f"unknown option {option!r} in policy {label!r}")
     return fields
 
 
 def valid_policy_label(label: str, names: Sequence[str]) -> bool:
-    name, mark, window = label.partition(WINDOW_MARK)
-    return name in names and (not mark or (window.isdigit() and int(window) > 0 and name != "full"))
+    try:
+        fields = policy_fields(label)
+    except ValueError:
+        return False
+    return fields["kv_policy"] in names and (len(fields) == 1 or fields["kv_policy"] != "full")
 
 
 def params(
