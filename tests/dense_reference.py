@@ -68,6 +68,9 @@ class DenseReference:
         self.state = [DenseLayer() for _ in self.layers]
         self.prompt_len, self.max_tokens = n, params.max_tokens
         self.budget = self.settings.budget(n)
+        self.chunk = chunk or n
+        # snapkv's pooled scores at the last prompt cut, by (id(layer state), kv-head).
+        self.pooled: dict[tuple[int, int], dict[int, float]] = {}
         seed = params.seed
         # The sampler's generator lives where the model does, as in the engine.
         self.device = next(self.model.parameters()).device
@@ -154,7 +157,7 @@ class DenseReference:
 
     def _accumulate(self, layer: int, head: int, kvh: int, logits: torch.Tensor, qpos: int):
         s = self.settings
-        if s.kv_policy not in ("h2o", "keyformer"):
+        if s.kv_policy not in ("h2o", "keyformer", "snapkv") or not self._scores(qpos):
             return
         x = logits
         if s.kv_policy == "keyformer":
@@ -170,6 +173,28 @@ class DenseReference:
         for j in range(logits.shape[0]):
             st.score[j][kvh] += float(f[j])
 
+    def _scores(self, qpos: int) -> bool:
+        """Whether the query at qpos adds to the scores: a generated token's
+        unless decode_scoring is frozen; a prompt token's if it is among the
+        last score_window before the prompt cut that ends its stretch (the
+        first multiple of the chunk past it at which the sequence is over its
+        budget, else the prompt's end)."""
+        s, n = self.settings, self.prompt_len
+        if qpos >= n:
+            return s.decode_scoring != "frozen"
+        window = s.score_window
+        if window is None and s.kv_policy == "snapkv":
+            window = 32  # SnapKV's own default
+        if window is None:
+            return True
+        end = n
+        if self.budget is not None and n > self.budget:
+            m = (qpos // self.chunk + 1) * self.chunk
+            while m < n and m <= self.budget:
+                m += self.chunk
+            end = min(m, n)
+        return qpos >= end - window
+
     # -- eviction --------------------------------------------------------------
 
     def _evict(self, length: int) -> None:
@@ -181,8 +206,10 @@ class DenseReference:
             [[j for j in range(length) if st.alive[j][kvh]] for kvh in range(len(st.alive[0]))]
             for st in self.state
         ]
+        self.pooled = {}
         for st, heads in zip(self.state, self.held, strict=True):
             for kvh, alive in enumerate(heads):
+                self._pool(st, kvh, alive, length)
                 excess = len(alive) - self.budget
                 if excess <= 0:
                     continue
@@ -227,4 +254,30 @@ class DenseReference:
         window = s.recent_window(self.budget)
         if j >= length - window:
             return math.inf
-        return st.score[j][kvh]
+        pooled = self.pooled.get((id(st), kvh))
+        return st.score[j][kvh] if pooled is None else pooled[j]
+
+    def _pool(self, st: DenseLayer, kvh: int, alive: list[int], length: int) -> None:
+        """snapkv at a prompt cut: each held token's score becomes the max (or
+        the mean over the whole window) of the scores of the held tokens
+        within snapkv_kernel // 2 places of it in position order, the recent
+        window's tokens and the places past either end left out of the max
+        and counted as 0 in the mean."""
+        s = self.settings
+        if s.kv_policy != "snapkv" or s.snapkv_kernel <= 1 or length > self.prompt_len:
+            return
+        recent_start = length - s.recent_window(self.budget)
+        radius = s.snapkv_kernel // 2
+        order = sorted(alive)
+        pooled = {}
+        for i, j in enumerate(order):
+            near = [
+                st.score[order[t]][kvh]
+                for t in range(i - radius, i + radius + 1)
+                if 0 <= t < len(order) and order[t] < recent_start
+            ]
+            if s.snapkv_pooling == "max":
+                pooled[j] = max(near) if near else -math.inf
+            else:
+                pooled[j] = sum(near) / (2 * radius + 1)
+        self.pooled[(id(st), kvh)] = pooled

@@ -283,3 +283,22 @@ def test_prefill_chunk_and_token_budget_reach_the_engine_and_runs(monkeypatch) -
     result = runner.run(Timed(), items, [("full", 1.0), ("h2o", 0.5)], kv)
     assert result.peak_blocks == {("full", 1.0): 7, ("h2o", 0.5): 3}
     assert result.median_prefill_seconds == {("full", 1.0): 1.5, ("h2o", 0.5): 1.5}
+
+
+def test_snapkv_and_windowed_labels_reach_the_requests() -> None:
+    """--policies takes snapkv and options after +; a bad label exits."""
+    from bench.accuracy import runner
+
+    args = cli.parse_args(["--policies", "full,snapkv,keyformer+w32,snapkv+w64+frozen"])
+    assert args.policies == ["full", "snapkv", "keyformer+w32", "snapkv+w64+frozen"]
+    item = Item("retrieval", "4000", "0", "text", 8)
+    kf = runner.params(item, 0, "keyformer+w32", 0.3)
+    assert (kf.kv_policy, kf.score_window, kf.kv_ratio) == ("keyformer", 32, 0.3)
+    snap = runner.params(item, 0, "snapkv", 0.3)
+    assert (snap.kv_policy, snap.score_window) == ("snapkv", None)
+    snap = runner.params(item, 0, "snapkv+w64+frozen+avg+k5", 0.3)
+    assert (snap.score_window, snap.decode_scoring) == (64, "frozen")
+    assert (snap.snapkv_pooling, snap.snapkv_kernel) == ("avg", 5)
+    for bad in ("keyformer+w0", "keyformer+wx", "full+w32", "lru", "snapkv+often"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--policies", bad])

@@ -82,7 +82,7 @@ class InvariantChecker:
     def _check_positions(self, req, seq, positions, length) -> None:
         prev = self.seen.get(req.request_id)
         window, budget = 0, req.slot_budget
-        if budget is not None and seq.settings.kv_policy in ("h2o", "keyformer"):
+        if budget is not None and seq.settings.kv_policy in ("h2o", "keyformer", "snapkv"):
             window = seq.settings.recent_window(budget)
         if seq.settings.kv_policy == "window" and budget is not None:
             window = min(length, budget)

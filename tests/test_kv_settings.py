@@ -40,7 +40,7 @@ def test_every_setting_is_described():
     assert (
         by_name["kv_policy"].limits.choices
         == POLICY_NAMES
-        == ("full", "window", "streaming", "h2o", "keyformer")
+        == ("full", "window", "streaming", "h2o", "keyformer", "snapkv")
     )
 
 

@@ -62,6 +62,10 @@ def test_kv_fields_reach_sampling_params(model, base):
         "sink_tokens": 2,
         "tau_init": 0.5,
         "tau_end": 3.0,
+        "score_window": 16,
+        "snapkv_kernel": 5,
+        "snapkv_pooling": "avg",
+        "decode_scoring": "frozen",
         "kv_pressure": "squeeze",
     }
     assert set(kv) == set(KV_POLICY_FIELDS)

@@ -155,7 +155,16 @@ def test_chat_logprobs(client):
     assert content[0].bytes == list(content[0].token.encode())
 
 
-def test_kv_policy_per_request_evicts(client, live_server):
+@pytest.mark.parametrize(
+    "kv",
+    [
+        {"kv_policy": "keyformer"},
+        {"kv_policy": "snapkv"},
+        {"kv_policy": "snapkv", "score_window": 8, "snapkv_pooling": "avg", "snapkv_kernel": 5},
+        {"kv_policy": "keyformer", "score_window": 16, "decode_scoring": "frozen"},
+    ],
+)
+def test_kv_policy_per_request_evicts(client, live_server, kv):
     before = metric(live_server, "keyserve:tokens_evicted_total", model_name=MODEL_NAME)
     freed = metric(live_server, "keyserve:blocks_freed_by_eviction_total", model_name=MODEL_NAME)
     prompt = " ".join(f"item {i} is a {w}." for i, w in enumerate(["cat", "dog", "owl"] * 8))
@@ -164,8 +173,9 @@ def test_kv_policy_per_request_evicts(client, live_server):
         prompt=prompt,
         max_tokens=6,
         temperature=0,
-        extra_body={"kv_policy": "keyformer", "kv_ratio": 0.5, "kv_min_tokens": 16},
+        extra_body={**kv, "kv_ratio": 0.5, "kv_min_tokens": 16},
     )
+    assert out.usage.model_extra["kv_cache_details"]["policy"] == kv["kv_policy"]
     assert out.usage.prompt_tokens > 100 and out.usage.completion_tokens == 6
     after = metric(live_server, "keyserve:tokens_evicted_total", model_name=MODEL_NAME)
     # Cut to half the prompt: at least prompt/2 tokens leave the cache.

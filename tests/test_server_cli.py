@@ -68,6 +68,8 @@ def test_every_kv_setting_has_a_flag(command):
     argv = ["--kv-policy", "streaming", "--kv-ratio", "0.25", "--kv-max-tokens", "64"]
     argv += ["--kv-min-tokens", "0", "--recent-ratio", "0.5", "--sink-tokens", "2"]
     argv += ["--tau-init", "0.5", "--tau-end", "3", "--kv-pressure", "squeeze"]
+    argv += ["--score-window", "16", "--snapkv-kernel", "5", "--snapkv-pooling", "avg"]
+    argv += ["--decode-scoring", "frozen"]
     args = build_parser().parse_args(prefix + argv)
     given = {s.name: getattr(args, s.name) for s in KV_SETTINGS}
     assert given == {
@@ -79,6 +81,10 @@ def test_every_kv_setting_has_a_flag(command):
         "sink_tokens": 2,
         "tau_init": 0.5,
         "tau_end": 3.0,
+        "score_window": 16,
+        "snapkv_kernel": 5,
+        "snapkv_pooling": "avg",
+        "decode_scoring": "frozen",
         "kv_pressure": "squeeze",
     }
     assert all(type(v) is s.kind for s, v in zip(KV_SETTINGS, given.values(), strict=True))

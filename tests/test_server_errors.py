@@ -51,6 +51,10 @@ def assert_error(response: httpx.Response, status: int, param=None, code=None) -
         ({"prompt": "x", "kv_policy": "lru"}, "kv_policy"),
         ({"prompt": "x", "kv_policy": "keyformer", "kv_ratio": 1.5}, "kv_ratio"),
         ({"prompt": "x", "kv_polcy": "keyformer"}, "kv_polcy"),  # a typo is not ignored
+        ({"prompt": "x", "kv_policy": "snapkv", "score_window": 0}, "score_window"),
+        ({"prompt": "x", "kv_policy": "snapkv", "score_window": 2.5}, "score_window"),
+        ({"prompt": "x", "kv_policy": "snapkv", "snapkv_pooling": "min"}, "snapkv_pooling"),
+        ({"prompt": "x", "decode_scoring": "sometimes"}, "decode_scoring"),
         ({"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids"),
         ({"prompt": "x", "top_k": -5}, "top_k"),
         ({"prompt": "x", "best_of": 3}, "best_of"),

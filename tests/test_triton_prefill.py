@@ -273,6 +273,33 @@ def test_scores(case):
     torch.testing.assert_close(out, reference_attention(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, D, page, tiles", [
+    (torch.float32, 16, 4, {"block_m": 16, "block_n": 16}),
+    (torch.bfloat16, 64, 16, {}),
+])  # fmt: skip
+def test_scores_of_an_observation_window(dtype, D, page, tiles):
+    """Only the rows at positions >= a chunk's score_from add (query tiles
+    wholly before it are skipped): the last 20 rows of the first chunk (its
+    first 16-row tile skipped), the last 3 of the second, none of the third."""
+    b = make_batch(CHUNKS, page, D=D, dtype=dtype, seed=6)
+    layer, windows = 2, [20, 3, 0]
+    specs = []
+    for i, spec in enumerate(score_specs(b, "mixed")):
+        r0, n = int(b.cu_seqlens_q[i]), b.chunks[i][1]
+        spec = spec or ScoreSpec(21, False, 0, 1.0, 0.0)
+        specs.append(dataclasses.replace(spec, score_from=int(b.query_pos[r0]) + n - windows[i]))
+    args = score_args(b, specs, layer)
+    args.score_from = torch.tensor([s.score_from for s in specs], dtype=torch.int64)
+    run_kernel(b, args, **tiles)
+    expected = reference_scores(b, specs, layer)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(args.score_cache, expected, rtol=tol, atol=tol)
+    added = (args.score_cache - b.score_cache).sum()
+    # Each scoring row adds one per query head; the third chunk adds nothing.
+    Hq = b.q.shape[1]
+    assert float(added) == pytest.approx(Hq * (20 + 3), rel=1e-4)
+
+
 def test_scores_d64_bfloat16():
     b = make_batch(CHUNKS, 16, D=64, dtype=torch.bfloat16, seed=4)
     specs = score_specs(b, "mixed")
@@ -346,7 +373,8 @@ _COMPILE = textwrap.dedent(
     DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     INTS = {"CuSeqlensQ": "*i32", "SlotStart": "*i32", "BlockTables": "*i32", "RowMax": "*fp32",
             "RowSum": "*fp32", "Active": "*i1", "Seed": "*i64", "UseNoise": "*i1", "Tau": "*fp32",
-            "QueryPos": "*i64", "PosCache": "*i32", "NoiseTable": "*fp32", "ScoreCache": "*fp32"}
+            "QueryPos": "*i64", "PosCache": "*i32", "NoiseTable": "*fp32", "ScoreCache": "*fp32",
+            "ScoreFrom": "*i64"}
     # Strides and pointers a launch on real shapes finds divisible by 16.
     ALIGNED = {"stride_ot", "stride_oh", "stride_qt", "stride_qh", "stride_kb", "stride_ks",
                "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_pb", "stride_sb"}

@@ -16,7 +16,7 @@ from bench.accuracy.common import Item
 from bench.provenance import cpu_description, git_provenance
 
 TASKS = ("summarization", "fewshot", "retrieval")
-POLICIES = ("full", "window", "streaming", "h2o", "keyformer")
+POLICIES = ("full", "window", "streaming", "h2o", "keyformer", "snapkv")
 # Items per subtask when --limit is not given (the full run).
 DEFAULT_LIMITS = {"summarization": 60, "sotu": 10, "fewshot": 200, "retrieval": 2}
 DTYPES = ("float32", "bfloat16", "auto")
@@ -31,7 +31,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model", default="default", help="model folder or .gguf; 'default': embedded SmolLM2"
     )
-    p.add_argument("--policies", type=_csv(str), default=list(POLICIES))
+    p.add_argument(
+        "--policies",
+        type=_csv(str),
+        default=list(POLICIES),
+        help="policies to run, each with options after +: wN score_window N (the "
+        "prompt scored by its last N queries), kN snapkv_kernel N, avg snapkv_pooling avg, "
+        "frozen decode_scoring frozen; e.g. keyformer+w32, snapkv+frozen, snapkv+k1",
+    )
     p.add_argument("--budgets", type=_csv(float), default=[0.2, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--tasks", type=_csv(str), default=list(TASKS))
     p.add_argument(
@@ -102,7 +109,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the whole prefill (needs a pool that holds the whole prompt)",
     )
     args = p.parse_args(argv)
-    bad = set(args.tasks) - set(TASKS) or set(args.policies) - set(POLICIES)
+    bad = set(args.tasks) - set(TASKS) or {
+        p for p in args.policies if not runner.valid_policy_label(p, POLICIES)
+    }
     if bad or not all(0 < b <= 1 for b in args.budgets):
         p.error(f"unknown task/policy {sorted(bad)} or a budget outside (0, 1]")
     return args

@@ -42,13 +42,44 @@ def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str
     return [FULL] + [(p, b) for p in policies if p != "full" for b in budgets]
 
 
+# A policy label names a policy and, after "+", options of it (each run's
+# results keep the whole label, beside the plain policy's): wN score_window
+# N, kN snapkv_kernel N, avg snapkv_pooling avg, frozen decode_scoring
+# frozen. "keyformer+w32", "snapkv+w64+frozen", "snapkv+k1".
+_FLAGS = {"avg": ("snapkv_pooling", "avg"), "frozen": ("decode_scoring", "frozen")}
+_NUMBERS = {"w": "score_window", "k": "snapkv_kernel"}
+
+
+def policy_fields(label: str) -> dict[str, Any]:
+    """The request's KV fields a policy label names (ValueError if unknown)."""
+    name, *options = label.split("+")
+    fields: dict[str, Any] = {"kv_policy": name}
+    for option in options:
+        if option in _FLAGS:
+            key, value = _FLAGS[option]
+            fields[key] = value
+        elif option[:1] in _NUMBERS and option[1:].isdigit() and int(option[1:]) > 0:
+            fields[_NUMBERS[option[0]]] = int(option[1:])
+        else:
+            raise ValueError(f"unknown option {option!r} in policy {label!r}")
+    return fields
+
+
+def valid_policy_label(label: str, names: Sequence[str]) -> bool:
+    try:
+        fields = policy_fields(label)
+    except ValueError:
+        return False
+    return fields["kv_policy"] in names and (len(fields) == 1 or fields["kv_policy"] != "full")
+
+
 def params(
     item: Item, index: int, policy: str, budget: float, kv: KVOptions = KVOptions()
 ) -> SamplingParams:
     """Greedy; kv_min_tokens 0 by default so the ratio applies to short
     prompts too (it is also the floor a squeeze stops at); a fixed seed per
     item keeps Keyformer's noise reproducible."""
-    fields: dict[str, Any] = {"kv_policy": policy}
+    fields = policy_fields(policy)
     if policy != "full":
         fields.update(kv_ratio=budget, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
         if kv.max_tokens is not None:

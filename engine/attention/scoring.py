@@ -43,6 +43,9 @@ class ScoreSpec:
     prompt_len: int
     tau_init: float
     tau_slope: float
+    # Queries at positions below it add nothing (an observation window,
+    # KVPolicySettings.window_start); 0: every query scores.
+    score_from: int = 0
 
     @classmethod
     def for_policy(
@@ -52,15 +55,16 @@ class ScoreSpec:
         seed: int,
         prompt_len: int,
         max_tokens: int,
+        score_from: int = 0,
     ) -> "ScoreSpec | None":
         """The spec of a request under `policy` (None: it needs no scores).
         Keyformer's tau rises from tau_init to tau_end over max_tokens steps."""
         if not isinstance(policy, HeavyHitterPolicy):
             return None
         if not policy.uses_gumbel:
-            return cls(seed, False, prompt_len, 1.0, 0.0)
+            return cls(seed, False, prompt_len, 1.0, 0.0, score_from)
         slope = (settings.tau_end - settings.tau_init) / max(max_tokens, 1)
-        return cls(seed, True, prompt_len, settings.tau_init, slope)
+        return cls(seed, True, prompt_len, settings.tau_init, slope, score_from)
 
     def tau_at(self, positions: torch.Tensor) -> torch.Tensor:
         """The temperature of queries at `positions` (any shape)."""
@@ -129,7 +133,10 @@ def add_prompt_scores(
             allowed = allowed & (kp > q_pos - geo.sliding_window)
         logits = logits.masked_fill(~allowed, float("-inf"))
         noise = gumbel_noise(seed, cache.layer_idx, head, q_pos, kp) if spec.gumbel else None
-        total += step_scores(logits, spec.tau_at(q_pos), noise).sum(dim=(1, 2))
+        probs = step_scores(logits, spec.tau_at(q_pos), noise)
+        if spec.score_from > 0:  # an observation window: the rows before it add nothing
+            probs = probs * (q_pos >= spec.score_from)
+        total += probs.sum(dim=(1, 2))
     cache.add_scores(span.key_slots, total.transpose(0, 1))
 
 

@@ -38,7 +38,9 @@ class Evictor:
         one_over, others = [], []
         for request in requests:
             excess = self._excess(request)
-            if excess == 1:
+            # A prompt cut of a policy with its own cut scores (snapkv's
+            # pooling) takes the general path, whatever its excess.
+            if excess == 1 and not _ranks_prompt_cut(request):
                 one_over.append(request)
             elif excess > 1:
                 others.append(request)
@@ -96,9 +98,12 @@ class Evictor:
     ) -> torch.Tensor:
         """The slots [L, Hkv, slots - budget] the policy drops to keep `budget`."""
         seq: SequencePolicy = request.kv
-        return seq.policy.select_victims(
-            scores if seq.scores_keys else None, positions, budget, request.num_computed_tokens
-        )
+        n = request.num_computed_tokens
+        if not seq.scores_keys:
+            scores = None
+        elif _ranks_prompt_cut(request):
+            scores = seq.policy.cut_scores(scores, positions, budget, n)
+        return seq.policy.select_victims(scores, positions, budget, n)
 
     def _drop_one_each(self, requests: list[Request]) -> None:
         """One victim per (sequence, layer, head): the lowest keep-priority,
@@ -162,6 +167,17 @@ class Evictor:
             return None
         recent = positions >= torch.tensor(starts, device=positions.device).view(-1, 1, 1, 1)
         return scores.float().masked_fill(recent, float("inf"))
+
+
+def _ranks_prompt_cut(request: Request) -> bool:
+    """Whether the request's next cut is a prompt cut that ranks by the
+    policy's own cut scores (snapkv pools them) rather than the plain ones."""
+    policy = request.kv.policy
+    return (
+        isinstance(policy, HeavyHitterPolicy)
+        and policy.pools_prompt
+        and request.num_computed_tokens <= request.num_prompt_tokens
+    )
 
 
 def _recent_starts(requests: list[Request]) -> list[int] | None:

@@ -275,8 +275,14 @@ class LLMEngine:
         specs = {}
         for chunk in sched.chunks:
             r = chunk.request
+            settings = r.kv.settings
+            if chunk.start >= r.num_prompt_tokens and settings.decode_scoring == "frozen":
+                continue  # generated tokens add nothing: the prompt's ranking stays
+            score_from = settings.window_start(
+                r.num_prompt_tokens, r.slot_budget, chunk.start, self.evictor.prefill_chunk
+            )
             spec = ScoreSpec.for_policy(
-                r.kv.settings, r.kv.policy, r.kv.seed, r.num_prompt_tokens, r.max_tokens
+                settings, r.kv.policy, r.kv.seed, r.num_prompt_tokens, r.max_tokens, score_from
             )
             if spec is not None:
                 specs[chunk.request_id] = spec

@@ -1,7 +1,13 @@
-"""Eviction policies: full, window, streaming, h2o, keyformer."""
+"""Eviction policies: full, window, streaming, h2o, keyformer, snapkv."""
 
 from kv_manager.policies.base import EvictionPolicy
-from kv_manager.policies.heavy_hitters import H2OPolicy, HeavyHitterPolicy, KeyformerPolicy
+from kv_manager.policies.heavy_hitters import (
+    H2OPolicy,
+    HeavyHitterPolicy,
+    KeyformerPolicy,
+    SnapKVPolicy,
+    pool_neighbours,
+)
 from kv_manager.policies.sequence import SequencePolicy, make_policy
 from kv_manager.policies.settings import (
     KV_POLICY_FIELDS,
@@ -30,7 +36,9 @@ __all__ = [
     "KVSetting",
     "KeyformerPolicy",
     "SequencePolicy",
+    "SnapKVPolicy",
     "StreamingPolicy",
     "WindowPolicy",
     "make_policy",
+    "pool_neighbours",
 ]

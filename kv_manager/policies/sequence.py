@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from kv_manager.policies.base import EvictionPolicy
-from kv_manager.policies.heavy_hitters import H2OPolicy, KeyformerPolicy
+from kv_manager.policies.heavy_hitters import H2OPolicy, KeyformerPolicy, SnapKVPolicy
 from kv_manager.policies.settings import KVPolicySettings
 from kv_manager.policies.simple import FullPolicy, StreamingPolicy, WindowPolicy
 
@@ -13,6 +13,7 @@ _POLICIES: dict[str, type[EvictionPolicy]] = {
     "streaming": StreamingPolicy,
     "h2o": H2OPolicy,
     "keyformer": KeyformerPolicy,
+    "snapkv": SnapKVPolicy,
 }
 
 
@@ -35,5 +36,5 @@ class SequencePolicy:
 
     @property
     def scores_keys(self) -> bool:
-        """Whether attention must add scores to this sequence's slots (h2o, keyformer)."""
+        """Whether attention must add scores to this sequence's slots (h2o, keyformer, snapkv)."""
         return self.policy.needs_scores

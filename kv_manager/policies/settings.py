@@ -14,9 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar, get_args
 
-POLICY_NAMES = ("full", "window", "streaming", "h2o", "keyformer")
+POLICY_NAMES = ("full", "window", "streaming", "h2o", "keyformer", "snapkv")
 # What a running sequence gives up when the KV pool is full (kv_pressure).
 PRESSURE_NAMES = ("preempt", "squeeze")
+# snapkv: how a key's window score is pooled over its neighbours.
+POOLING_NAMES = ("max", "avg")
+# Whether generated tokens' queries add to the scores (h2o, keyformer, snapkv).
+DECODE_SCORING_NAMES = ("accumulate", "frozen")
+# snapkv's observation window when score_window is unset (SnapKV's own default).
+SNAPKV_WINDOW = 32
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class KVPolicySettings:
 
     kv_policy: str = _setting(
         "keyformer",
-        "eviction policy: full keeps every token; window, streaming, h2o, keyformer evict",
+        "eviction policy: full keeps every token; window, streaming, h2o, keyformer, snapkv evict",
         choices=POLICY_NAMES,
     )
     kv_ratio: float = _setting(0.5, "KV budget as a fraction of the prompt", gt=0.0, le=1.0)
@@ -92,6 +98,25 @@ class KVPolicySettings:
     )
     tau_end: float = _setting(
         2.0, "keyformer: Gumbel temperature at max_tokens (rising linearly)", gt=0.0
+    )
+    score_window: int | None = _setting(
+        None,
+        "h2o, keyformer, snapkv: only the last w queries before each prompt cut add to "
+        f"the prompt's scores (an observation window); none: every query (snapkv: "
+        f"{SNAPKV_WINDOW})",
+        ge=1,
+    )
+    snapkv_kernel: int = _setting(
+        7, "snapkv: a key's window score is pooled over this many neighbours (1: none)", ge=1
+    )
+    snapkv_pooling: str = _setting(
+        "max", "snapkv: how the neighbours' scores are pooled", choices=POOLING_NAMES
+    )
+    decode_scoring: str = _setting(
+        "accumulate",
+        "h2o, keyformer, snapkv: accumulate adds each generated token's attention to the "
+        "scores; frozen keeps the prompt's ranking (generated tokens leave first)",
+        choices=DECODE_SCORING_NAMES,
     )
     # NOTE: preempt by default: squeezing changes a request's output with the
     # load beside it, and a vLLM user expects the quality they asked for
@@ -123,6 +148,35 @@ class KVPolicySettings:
     def recent_window(self, budget: int) -> int:
         """w = floor(k * recent_ratio): the newest tokens that are never evicted."""
         return math.floor(budget * self.recent_ratio)
+
+    def score_window_size(self) -> int | None:
+        """The observation window w in queries (None: every prompt query scores)."""
+        if self.score_window is None and self.kv_policy == "snapkv":
+            return SNAPKV_WINDOW
+        return self.score_window
+
+    def window_start(
+        self, prompt_len: int, budget: int | None, chunk_start: int, prefill_chunk: int
+    ) -> int:
+        """The first query position whose attention adds to the scores, for a
+        prompt chunk starting at `chunk_start` (0: every query scores).
+
+        With an observation window w, the rows that score are the last w
+        before the cut that ends the chunk's stretch of the prompt: the next
+        multiple of `prefill_chunk` at which the sequence is over its budget
+        (the mid-prompt cuts), or the prompt's end. Without a cut there (a
+        prompt within its budget) that is the prompt's end too, before the
+        generated tokens' cuts. Chunks the batch ended early share their
+        stretch's window, so the scores do not depend on the batching."""
+        w = self.score_window_size()
+        if w is None or chunk_start >= prompt_len:
+            return 0
+        end = prompt_len
+        if budget is not None and prompt_len > budget:
+            next_multiple = (chunk_start // prefill_chunk + 1) * prefill_chunk
+            first_cut = (budget // prefill_chunk + 1) * prefill_chunk
+            end = min(prompt_len, max(next_multiple, first_cut))
+        return max(0, end - w)
 
     def with_overrides(self, **overrides: Any) -> "KVPolicySettings":
         """A copy with the non-None `overrides` applied (and validated)."""

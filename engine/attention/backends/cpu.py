@@ -144,6 +144,7 @@ class CpuBackend(TorchBackend):
             key_pos=k_pos[0].contiguous(), tau=spec.tau_at(q_pos).float().contiguous(),
             seed=spec.seed, use_noise=spec.gumbel, layer=self.cache.layer_idx,
             noise_table=gumbel_table(dev), exp_table=gumbel_exp_table(dev),
+            score_from=spec.score_from,
         )  # fmt: skip
         self.cache.add_scores(span.key_slots, scores.transpose(0, 1))
         return out
@@ -182,7 +183,7 @@ class CpuBackend(TorchBackend):
                 query_pos=q_pos.view(1, c), key_pos=k_pos[:, :visible],
                 tau=spec.tau_at(q_pos).float().view(1, c), seed=seed, use_noise=use_noise,
                 layer=self.cache.layer_idx, noise_table=gumbel_table(dev),
-                exp_table=gumbel_exp_table(dev), write_probs=True,
+                exp_table=gumbel_exp_table(dev), write_probs=True, score_from=spec.score_from,
             )  # fmt: skip
             chunk = torch.matmul(logits, values[:, :, :visible])  # [Hkv, G, c, D]
             out[start : start + c] = chunk.permute(2, 0, 1, 3).reshape(c, geo.num_heads, -1)

@@ -134,4 +134,5 @@ def _prefill_score_columns(spans: list[PrefillSpan], column) -> dict[str, torch.
         "use_noise": column([bool(s.score and s.score.gumbel) for s in spans], torch.bool),
         "tau": torch.cat(taus),
         "query_pos": torch.cat([s.query_positions for s in spans]),
+        "score_from": column([s.score.score_from if s.score else 0 for s in spans], torch.int64),
     }

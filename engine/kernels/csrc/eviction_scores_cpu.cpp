@@ -20,7 +20,9 @@
 //     num_visible [B, Q] int64 (query q sees keys [0, num_visible)),
 //     query_pos [B, Q] int64, key_pos [B, S, Hkv] int64, tau [B, Q] float,
 //     seed [B] int64, use_noise [B] bool, layer, noise_table [2^bits] float,
-//     exp_table [2^bits] float (or empty), write_probs bool)
+//     exp_table [2^bits] float (or empty), write_probs bool, score_from = 0)
+// Queries at query_pos < score_from add no score (an observation window);
+// with write_probs they still get their probabilities.
 // The noise must equal kv_manager.scoring.gumbel_noise bit for bit
 // (eviction_scores.h).
 
@@ -66,14 +68,18 @@ void score_item(float* logits,             // [Q, S]
                 const int64_t* visible,    // [Q]
                 const int64_t* query_pos,  // [Q]
                 const float* tau,          // [Q]
-                const Noise& noise, bool write_probs, const Dims& d, float* row,
-                std::vector<float>& z) {
+                const Noise& noise, bool write_probs, int64_t score_from, const Dims& d,
+                float* row, std::vector<float>& z) {
   z.resize(d.S);
   for (int64_t q = 0; q < d.Q; ++q) {
     float* x = logits + q * d.S;
     const int64_t n = std::min(visible[q], d.S);
     if (n <= 0) {
       if (write_probs) std::fill(x, x + d.S, 0.f);
+      continue;
+    }
+    if (query_pos[q] < score_from) {
+      if (write_probs) to_probs(x, n, d.S);
       continue;
     }
     const uint64_t qbase = noise.base + query_term(query_pos[q]);
@@ -98,7 +104,7 @@ void accumulate_scores(at::Tensor out, at::Tensor logits, const at::Tensor& num_
                        const at::Tensor& query_pos, const at::Tensor& key_pos,
                        const at::Tensor& tau, const at::Tensor& seed, const at::Tensor& use_noise,
                        int64_t layer, const at::Tensor& noise_table, const at::Tensor& exp_table,
-                       bool write_probs) {
+                       bool write_probs, int64_t score_from) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 5 &&
                   logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "logits: contiguous float32 [B, Hkv, G, Q, S]");
@@ -140,7 +146,7 @@ void accumulate_scores(at::Tensor out, at::Tensor logits, const at::Tensor& num_
                         keyserve::scores::head_term(seeds[b], layer, h * d.G + g),
                         key_hash.data()};
       score_item(lp + item * d.Q * d.S, vis + b * d.Q, qpos + b * d.Q, taup + b * d.Q, noise,
-                 write_probs, d, op + item * d.S_out, z);
+                 write_probs, score_from, d, op + item * d.S_out, z);
     }
   });
 }
@@ -151,7 +157,7 @@ TORCH_LIBRARY_FRAGMENT(keyserve, m) {
   m.def(
       "accumulate_scores(Tensor(a!) out, Tensor(b!) logits, Tensor num_visible, "
       "Tensor query_pos, Tensor key_pos, Tensor tau, Tensor seed, Tensor use_noise, int layer, "
-      "Tensor noise_table, Tensor exp_table, bool write_probs) -> ()");
+      "Tensor noise_table, Tensor exp_table, bool write_probs, int score_from=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(keyserve, CPU, m) {

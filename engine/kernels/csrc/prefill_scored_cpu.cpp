@@ -23,10 +23,13 @@
 // Op: keyserve::prefill_attention_scored(out [n, Hq, D], scores [Hkv, S]
 //     (added to), q [n, Hq, D], k [S, Hkv, D], v [S, Hkv, D], scale,
 //     query_pos [n] int64, key_pos [S, Hkv] int64, tau [n] float32, seed,
-//     use_noise, layer, noise_table, exp_table (or empty)): query i sees
-//     keys [0, S - n + i]; out, q, k, v: all float32 or all bfloat16, scores
-//     float32. With use_noise, Keyformer's softmax((x + g) / tau); without,
-//     H2O's softmax(x / tau) (tau is 1 for H2O).
+//     use_noise, layer, noise_table, exp_table (or empty), score_from = 0):
+//     query i sees keys [0, S - n + i]; out, q, k, v: all float32 or all
+//     bfloat16, scores float32. With use_noise, Keyformer's
+//     softmax((x + g) / tau); without, H2O's softmax(x / tau) (tau is 1 for
+//     H2O). Only queries at query_pos >= score_from add to the scores (an
+//     observation window: SnapKV's last prompt queries); the others attend
+//     and skip the score's work.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -70,6 +73,7 @@ struct Views {
   int64_t key_tiles, n, S, H, G, offset;  // offset = S - n
   float scale;
   int64_t seed, layer;
+  int64_t score_from;  // queries before this position add no score
   Noise noise;  // base and key_hash are set per query head and work item
 };
 
@@ -93,10 +97,12 @@ struct Rows {
         key_hash(S) {}
 };
 
-// x[0, n) -> exp(x - max) in place; adds the row's score to score[0, n) and
+// x[0, n) -> exp(x - max) in place; adds the row's score to score[0, n)
+// (none when score is null: a row outside the observation window) and
 // returns 1 / sum of the exponentials (the output's normalizer).
 float exp_and_score(float* x, int64_t n, float tau, uint64_t qbase, const Noise& noise,
                     float* score, float* z) {
+  if (score == nullptr) return 1.f / exp_shifted(x, x, n, max_of(x, n));
   // Keyformer at tau = 1 reuses the attention exponentials: softmax(x + g)
   // is exp(x) * e^g, renormalized. Otherwise the score is its own softmax.
   const bool shortcut = tau == 1.f && (!noise.on || noise.exp_table);
@@ -133,7 +139,8 @@ void attend_and_score_tile(const Views<T>& x, const Noise& noise, int64_t h, int
       const int64_t m = g * nq + r, i = i0 + r, visible = x.offset + i + 1;
       float* row = t.p.data() + m * t.stride;
       const uint64_t qbase = head.base + keyserve::scores::query_term(x.query_pos[i]);
-      t.inv[m] = exp_and_score(row, visible, x.tau[i], qbase, head, score, t.z.data());
+      float* row_score = x.query_pos[i] >= x.score_from ? score : nullptr;
+      t.inv[m] = exp_and_score(row, visible, x.tau[i], qbase, head, row_score, t.z.data());
       std::fill(row + visible, row + width, 0.f);  // P @ V runs to the last query's width
     }
   }
@@ -207,14 +214,15 @@ template <typename T>
 void attend_and_score(at::Tensor& out, at::Tensor& scores, const at::Tensor& q,
                       const at::Tensor& k, const at::Tensor& v, float scale,
                       const at::Tensor& query_pos, const at::Tensor& key_pos,
-                      const at::Tensor& tau, int64_t seed, int64_t layer, const Noise& noise) {
+                      const at::Tensor& tau, int64_t seed, int64_t layer, int64_t score_from,
+                      const Noise& noise) {
   const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
   const auto packed = Path<T>::pack(k, v, D);
   const Views<T> x{elements<T>(q), packed.kt, packed.v, elements<T>(out),
                    query_pos.data_ptr<int64_t>(), key_pos.data_ptr<int64_t>(),
                    tau.data_ptr<float>(), q.stride(0), packed.v_stride, packed.v_head_stride,
                    out.stride(0), packed.key_tiles, n, S, Hkv, Hq / Hkv, S - n, scale, seed,
-                   layer, noise};
+                   layer, score_from, noise};
   if (D == 64) {
     run<64>(x, scores);
   } else {
@@ -226,7 +234,8 @@ void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tenso
                               const at::Tensor& k, const at::Tensor& v, double scale,
                               const at::Tensor& query_pos, const at::Tensor& key_pos,
                               const at::Tensor& tau, int64_t seed, bool use_noise, int64_t layer,
-                              const at::Tensor& noise_table, const at::Tensor& exp_table) {
+                              const at::Tensor& noise_table, const at::Tensor& exp_table,
+                              int64_t score_from) {
   keyserve::prompt::check_prompt_shapes(out, q, k, v);
   const int64_t n = q.size(0), S = k.size(0), Hkv = k.size(1);
   check_input(scores, at::kFloat, {Hkv, S}, "scores: contiguous float32 [Hkv, S]");
@@ -245,10 +254,10 @@ void prefill_attention_scored(at::Tensor out, at::Tensor scores, const at::Tenso
   const float fscale = static_cast<float>(scale);
   if (q.scalar_type() == at::kBFloat16) {
     attend_and_score<bf16>(out, scores, q, k, v, fscale, query_pos, key_pos, tau, seed, layer,
-                           noise);
+                           score_from, noise);
   } else {
     attend_and_score<float>(out, scores, q, k, v, fscale, query_pos, key_pos, tau, seed, layer,
-                            noise);
+                            score_from, noise);
   }
 }
 
@@ -258,7 +267,7 @@ TORCH_LIBRARY_FRAGMENT(keyserve, m) {
   m.def(
       "prefill_attention_scored(Tensor(a!) out, Tensor(b!) scores, Tensor q, Tensor k, "
       "Tensor v, float scale, Tensor query_pos, Tensor key_pos, Tensor tau, int seed, "
-      "bool use_noise, int layer, Tensor noise_table, Tensor exp_table) -> ()");
+      "bool use_noise, int layer, Tensor noise_table, Tensor exp_table, int score_from=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(keyserve, CPU, m) {

@@ -87,6 +87,10 @@ class PrefillScoreArgs:
     query_pos: torch.Tensor  # [T] int64: each query token's position
     layer: int
     noise_table: torch.Tensor  # [2**16] float32 (kv_manager.scoring.gumbel_table)
+    # [N] int64: per chunk, the first query position that adds to the scores
+    # (an observation window; its rows' positions must be consecutive, as a
+    # prompt chunk's are). None: every row scores.
+    score_from: torch.Tensor | None = None
 
 
 def _interpreted() -> bool:
@@ -254,8 +258,14 @@ def _launch(out, q, k_cache, v_cache, cu_seqlens_q, slot_start, block_tables, sc
         return
     max_keys = block_tables.shape[1] * k_cache.shape[1]
     grid = (triton.cdiv(max_keys, meta["BLOCK_N"]), k_cache.shape[2], N)
+    score_from = scores.score_from
+    if score_from is None:
+        score_from = torch.zeros(N, dtype=torch.int64, device=q.device)
+    _check(
+        score_from.dtype == torch.int64 and tuple(score_from.shape) == (N,), "score_from: int64 [N]"
+    )
     _scores_kernel[grid](
-        scores.score_cache, q, k_cache, *shared,
+        scores.score_cache, q, k_cache, *shared, score_from,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), *pos_strides, *scores.score_cache.stride(), **meta,
     )  # fmt: skip

@@ -3,7 +3,9 @@ docstring): `scores_kernel`, one program per (key tile, KV head, chunk),
 recomputes the logits of the query tiles that see its keys, divides by the
 row sums the attention pass wrote and adds the column sums into
 score_cache: every key slot's score is written by one program, in a fixed
-order (deterministic, no atomics)."""
+order (deterministic, no atomics). Only the rows at or after a chunk's
+ScoreFrom position add (an observation window); the query tiles wholly
+before it are skipped."""
 
 import triton
 import triton.language as tl
@@ -15,19 +17,21 @@ from engine.kernels.triton.prefill_tiles import LOG2E, dot, key_tile
 @triton.jit
 def _add_query_tile(total, Q, RowMax, RowSum, Tau, QueryPos, NoiseTable, kt, kpos, slots, ok,
                     m0, n, row0, slot0, kv_head, use_noise, seed, layer, scale, num_heads,
-                    stride_qt, stride_qh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                    score_from, stride_qt, stride_qh, GROUP: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):  # fmt: skip
     """total (a key tile's column sums, [BLOCK_N] float32) plus the tempered
     noisy probabilities of the tile's keys (kt: [D, BLOCK_N], kpos: their
     original positions) under the rows of the query tile from row m0 that see
-    them, over the GROUP query heads of kv_head, one head after the other."""
+    them and are at positions >= score_from, over the GROUP query heads of
+    kv_head, one head after the other."""
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     tok = (row0 + rows).to(tl.int64)
-    visible = row_ok[:, None] & ok[None, :] & (slots[None, :] <= slot0 + rows[:, None])
     tau_log2 = LOG2E / tl.load(Tau + tok, mask=row_ok, other=1.0)
     qpos = tl.load(QueryPos + tok, mask=row_ok, other=0)
+    row_ok = row_ok & (qpos >= score_from)
+    visible = row_ok[:, None] & ok[None, :] & (slots[None, :] <= slot0 + rows[:, None])
     d = tl.arange(0, HEAD_DIM)
     for g in range(GROUP):
         head = kv_head * GROUP + g
@@ -52,7 +56,7 @@ def _add_query_tile(total, Q, RowMax, RowSum, Tau, QueryPos, NoiseTable, kt, kpo
 def scores_kernel(
     ScoreCache, Q, K, CuSeqlensQ, SlotStart, BlockTables, RowMax, RowSum,
     Active, Seed, UseNoise, Tau, QueryPos, PosCache, NoiseTable,
-    scale, layer, num_heads,
+    scale, layer, num_heads, ScoreFrom,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     stride_pb, stride_ps, stride_ph, stride_sb, stride_ss, stride_sh,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -89,12 +93,16 @@ def scores_kernel(
 
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     # Query row r sees slot `start` from r = start - slot0 on.
-    first = tl.maximum(start - slot0, 0) // BLOCK_M * BLOCK_M
+    # Row r is at position QueryPos[row0] + r: the window's first row is
+    # score_from - QueryPos[row0], and the tiles before it add nothing.
+    score_from = tl.load(ScoreFrom + seq)
+    window = tl.maximum(score_from - tl.load(QueryPos + row0.to(tl.int64)), 0)
+    first = tl.maximum(tl.maximum(start - slot0, 0), window.to(tl.int32)) // BLOCK_M * BLOCK_M
     for m0 in range(first, n, BLOCK_M):
         total = _add_query_tile(
             total, Q, RowMax, RowSum, Tau, QueryPos, NoiseTable, kt, kpos, slots, ok,
             m0, n, row0, slot0, kv_head, use_noise, seed, layer, scale, num_heads,
-            stride_qt, stride_qh, GROUP, HEAD_DIM, BLOCK_M, PRECISION, UPCAST,
+            score_from, stride_qt, stride_qh, GROUP, HEAD_DIM, BLOCK_M, PRECISION, UPCAST,
         )  # fmt: skip
     dst = ScoreCache + kv_head * stride_sh + block * stride_sb + offset * stride_ss
     tl.store(dst, tl.load(dst, mask=ok, other=0.0) + total, mask=ok)
