@@ -14,6 +14,7 @@ from kv_manager.policies.settings import (
     KVSetting,
 )
 from kv_manager.policies.simple import FullPolicy, StreamingPolicy, WindowPolicy
+from kv_manager.policies.target_mass import keys_for_mass
 
 __all__ = [
     "KV_POLICY_FIELDS",
@@ -32,5 +33,6 @@ __all__ = [
     "SequencePolicy",
     "StreamingPolicy",
     "WindowPolicy",
+    "keys_for_mass",
     "make_policy",
 ]
