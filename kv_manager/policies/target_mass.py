@@ -18,9 +18,12 @@ for. A prompt compressed while it prefilled (kv_max_tokens below the prompt,
 cut at every chunk) is weighed over the keys it still holds at its end: the
 score of keys cut earlier is gone from both sides.
 
-The cut to k keeps a superset of the cut to k - 1 (the next key either joins
-the window or was already among the kept highest scores), so the kept score
-only grows with k and a bisection finds the smallest k.
+For h2o and keyformer the cut to k keeps a superset of the cut to k - 1:
+either the window stays and one more of the highest scores is kept, or the
+newest key outside it joins the window and the same number of highest scores
+is taken from the rest (the next one replacing it, if it was among them). So
+the kept score only grows with k, and a bisection finds the smallest k (for
+a policy whose cuts are not nested, a k that holds the target).
 """
 
 import torch
