@@ -77,10 +77,13 @@ class Request:
     @property
     def slot_budget(self) -> int | None:
         """Slots the sequence is cut back to by eviction, squeezed or not;
-        None: it never evicts."""
+        None: it never evicts. A budget chosen at the prompt's end
+        (kv_target_mass) below an earlier squeeze's wins over it."""
+        budget = None if self.kv is None else self.kv.budget
         if self.squeezes:
-            return self.squeezes[-1][1]
-        return None if self.kv is None else self.kv.budget
+            squeezed = self.squeezes[-1][1]
+            return squeezed if budget is None else min(squeezed, budget)
+        return budget
 
     @property
     def squeezed_budget(self) -> int | None:

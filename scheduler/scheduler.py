@@ -74,6 +74,11 @@ class Scheduler:
             return
         if request.slot_budget is None:
             held = f"plus max_tokens ({request.max_tokens}), all held without eviction,"
+        elif request.kv.budget_pending and request.slot_budget >= request.num_prompt_tokens:
+            held = (
+                "held whole until its budget is chosen from kv_target_mass at its end "
+                "(kv_max_tokens compresses it while it prefills),"
+            )
         else:
             held = (
                 f"compressed to its budget ({request.slot_budget} tokens) plus one "

@@ -353,6 +353,8 @@ class AsyncEngine:
             decode = now - t.first_token if t.first_token is not None else 0.0
             reason = completion.finish_reason or "abort"
             self.metrics.record_finished(reason, now - t.arrival, decode, num_tokens)
+            if reason != "abort":  # an abort may come before the budget is chosen
+                self.metrics.record_kv_budget(out.kv, len(out.prompt_token_ids))
 
     def _record_stats(self) -> None:
         if self.metrics is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from kv_manager.policies import KV_POLICY_FIELDS, KV_SETTINGS, KVSetting
+from kv_manager.policies.settings import check_one_budget_rule
 from server.config import LOG_LEVELS, ServeConfig
 from server.limits import DEFAULT_MAX_WAITING
 
@@ -24,14 +25,20 @@ DTYPE_HELP = (
 def engine_config(config_path: str | None, overrides: dict) -> EngineConfig:
     """Flags win over the config file, which wins over EngineConfig's defaults."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config_path:
-        return EngineConfig.from_yaml(config_path, **overrides)
-    return EngineConfig(**overrides)
+    if not config_path:
+        return EngineConfig(**overrides)
+    config = EngineConfig.from_yaml(config_path, **overrides)
+    if "kv_ratio" in overrides and "kv_target_mass" not in overrides:
+        config.kv_target_mass = None  # a --kv-ratio flag wins over the file's target
+    return config
 
 
 def kv_flag_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The --kv-* flags as EngineConfig fields (None where not given)."""
-    return {name: getattr(args, name) for name in KV_POLICY_FIELDS}
+    """The --kv-* flags as EngineConfig fields (None where not given); a
+    ValueError for --kv-ratio with --kv-target-mass (one budget rule)."""
+    given = {name: getattr(args, name) for name in KV_POLICY_FIELDS}
+    check_one_budget_rule(given)
+    return given
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -85,6 +92,12 @@ def server_config(args: argparse.Namespace) -> ServeConfig:
     )
 
 
+def _budget_rule(config: EngineConfig) -> str:
+    if config.kv_target_mass is not None:
+        return f"kv_target_mass={config.kv_target_mass}"
+    return f"kv_ratio={config.kv_ratio}"
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -115,7 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print(
         f"keyserve: serving {settings.model_name} (kv_policy={config.kv_policy}, "
-        f"kv_ratio={config.kv_ratio}) on http://{serve.host}:{serve.port}",
+        f"{_budget_rule(config)}) on http://{serve.host}:{serve.port}",
         file=sys.stderr,
     )
     server = DrainingServer(uv_config, app.state.engine, serve.drain_timeout)

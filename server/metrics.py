@@ -16,6 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from engine import KVUsage
+
 # vLLM's buckets, so its Grafana panels read ours unchanged.
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -29,6 +31,8 @@ LATENCY_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
     40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
+# Budgets chosen from kv_target_mass, as a fraction of the prompt.
+KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 # Engine counters (LLMEngine.stats() keys, cumulative) -> our counter names.
 _ENGINE_COUNTERS = {
@@ -62,6 +66,7 @@ class ServerMetrics:
         self._add_token_counters()
         self._add_latency_histograms()
         self._add_request_outcomes()
+        self._add_kv_budget_histogram()
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         return Gauge(name, doc, ["model_name"], registry=self.registry).labels(self.model_name)
@@ -135,6 +140,20 @@ class ServerMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self._success.labels(self.model_name, reason)  # present at 0 from the start
+
+    def _add_kv_budget_histogram(self) -> None:
+        self.kv_target_mass_budget = self._histogram(
+            "keyserve:kv_target_mass_budget_fraction",
+            "Budget chosen from kv_target_mass at the end of a prompt, as a fraction of "
+            "the prompt (budget tokens / prompt tokens, at most 1).",
+            KEPT_FRACTION_BUCKETS,
+        )
+
+    def record_kv_budget(self, kv: KVUsage | None, prompt_tokens: int) -> None:
+        """A finished sequence's budget, where kv_target_mass chose it."""
+        if kv is None or kv.target_mass is None or kv.budget is None or prompt_tokens <= 0:
+            return
+        self.kv_target_mass_budget.observe(min(1.0, kv.budget / prompt_tokens))
 
     def record_engine_stats(self, stats: Mapping[str, int]) -> None:
         """Set gauges from LLMEngine.stats(); advance counters by what moved since last time."""

@@ -129,6 +129,7 @@ def _kv_details(kv: KVUsage | None) -> KVCacheDetails | None:
         budget_tokens=kv.budget,
         squeezed=kv.squeezed_budget is not None,
         squeezed_budget_tokens=kv.squeezed_budget,
+        target_mass=kv.target_mass,
     )
 
 

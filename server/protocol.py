@@ -147,6 +147,9 @@ class KVCacheDetails(BaseModel):
     # squeeze), and the budget it was left with (null: never squeezed).
     squeezed: bool = False
     squeezed_budget_tokens: int | None = None
+    # The kv_target_mass budget_tokens was chosen for at the end of the
+    # prompt (null: the budget came from kv_ratio).
+    target_mass: float | None = None
 
 
 class UsageInfo(BaseModel):

@@ -85,6 +85,7 @@ class DenseReference:
             tokens = list(prompt[pos:])
             while len(out) < params.max_tokens:
                 logits = self._forward(tokens, pos)
+                self._choose_budget(pos + len(tokens))
                 self._evict(pos + len(tokens))
                 pos += len(tokens)
                 if pos in schedule:
@@ -245,6 +246,20 @@ class DenseReference:
         for j in held:
             st.alive[j][kvh] = j in kept
 
+    def _choose_budget(self, length: int) -> None:
+        """kv_target_mass: at the prompt's end, the budget is the largest over
+        (layer, kv-head) of the fewest keys that keep the target share of the
+        held keys' score (mass_keys), floored and capped."""
+        s = self.settings
+        if length != self.prompt_len or not s.chooses_budget:
+            return
+        keys = 1
+        for st in self.state:
+            for kvh in range(len(st.alive[0])):
+                held = {j: st.score[j][kvh] for j in range(length) if st.alive[j][kvh]}
+                keys = max(keys, mass_keys(held, length, s))
+        self.budget = s.clamp_budget(keys)
+
     def _priority(self, st: DenseLayer, j: int, kvh: int, length: int) -> float:
         s = self.settings
         if s.kv_policy == "window":
@@ -281,3 +296,20 @@ class DenseReference:
             else:
                 pooled[j] = sum(near) / (2 * radius + 1)
         self.pooled[(id(st), kvh)] = pooled
+
+
+def mass_keys(held: dict[int, float], length: int, settings: KVPolicySettings) -> int:
+    """The fewest keys k of one (layer, kv-head) whose cut keeps at least
+    kv_target_mass of the score of all `held` keys ({position: score}), by
+    trying every k: the cut keeps the held keys in the recent window (the
+    newest floor(k * recent_ratio) positions before `length`) and the highest
+    scores among the rest up to k keys. Sums in Python floats."""
+    total = sum(held.values())
+    for k in range(1, len(held) + 1):
+        start = length - settings.recent_window(k)
+        recent = [score for j, score in held.items() if j >= start]
+        rest = sorted((score for j, score in held.items() if j < start), reverse=True)
+        kept = sum(recent) + sum(rest[: k - len(recent)])
+        if kept >= settings.kv_target_mass * total:
+            return k
+    return max(len(held), 1)

@@ -302,3 +302,41 @@ def test_snapkv_and_windowed_labels_reach_the_requests() -> None:
     for bad in ("keyformer+w0", "keyformer+wx", "full+w32", "lru", "snapkv+often"):
         with pytest.raises(SystemExit):
             cli.parse_args(["--policies", bad])
+
+
+def test_kv_target_mass_runs_record_the_budget_each_item_chose(tmp_path: Path) -> None:
+    """--kv-target-mass adds an "h2o+mass" row per target for each policy that
+    scores keys; its items' chosen budgets become a kept_fraction per task."""
+    from bench.accuracy import report, runner
+
+    args = cli.parse_args(["--policies", "full,window,h2o", "--kv-target-mass", "0.9,0.95"])
+    configs = runner.configs(args.policies, args.budgets, args.kv_target_mass)
+    assert configs[-2:] == [("h2o+mass", 0.9), ("h2o+mass", 0.95)]
+    assert not any(p.startswith("window+") for p, _ in configs)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--kv-target-mass", "1.5"])
+    item = Item("retrieval", "300", "0", "one two three four", 8, "12345", {"depth": 0})
+    p = runner.params(item, 0, "h2o+mass", 0.95, runner.KVOptions(max_tokens=64))
+    assert (p.kv_policy, p.kv_target_mass, p.kv_ratio, p.kv_max_tokens) == ("h2o", 0.95, None, 64)
+
+    class Chooser(FakeLLM):
+        """Keeps 3 of 4 prompt tokens at any target; full keeps all."""
+
+        def generate(self, prompts, params):
+            target = params[0].kv_target_mass
+            outs = super().generate(
+                prompts, [SimpleNamespace(kv_policy="full", kv_ratio=None)] * len(prompts)
+            )
+            for o in outs:
+                o.kv = SimpleNamespace(budget=3 if target else None)
+            return outs
+
+    items = [item, Item("retrieval", "300", "1", "five six seven eight", 8, "54321", {"depth": 0})]
+    runs = [runner.FULL, ("h2o+mass", 0.95)]
+    result = runner.run(Chooser(), items, runs)
+    assert result.kv_budgets == {("h2o+mass", 0.95): {it.key: 3 for it in items}}
+    rows = runner.score_all(items, result, {"retrieval": retrieval.score})
+    kept = [r for r in rows if r.metric == runner.KEPT_FRACTION]
+    assert [(r.policy, r.budget, r.value) for r in kept] == [("h2o+mass", 0.95, 0.75)] * 2
+    table = report.task_table(report.aggregate(rows), "retrieval")
+    assert "| h2o+mass | 0.95 |" in table and "300 kept_fraction" in table

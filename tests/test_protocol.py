@@ -36,6 +36,8 @@ def test_schema_lists_every_kv_field_with_type_help_and_range(model):
         ("kv_policy", "lru"),
         ("kv_ratio", 1.5),
         ("kv_ratio", 0),
+        ("kv_target_mass", 0),
+        ("kv_target_mass", 1.5),
         ("kv_max_tokens", 0),
         ("kv_min_tokens", -1),
         ("kv_min_tokens", 2.5),
@@ -68,8 +70,13 @@ def test_kv_fields_reach_sampling_params(model, base):
         "decode_scoring": "frozen",
         "kv_pressure": "squeeze",
     }
-    assert set(kv) == set(KV_POLICY_FIELDS)
+    # kv_target_mass is the other budget rule: given instead of kv_ratio.
+    assert set(kv) | {"kv_target_mass"} == set(KV_POLICY_FIELDS)
     request = model.model_validate({**base, **kv})
     assert build_sampling_params(request, 8, None).kv_overrides() == kv
+    mass = {**kv, "kv_policy": "h2o", "kv_target_mass": 0.95}
+    del mass["kv_ratio"]
+    request = model.model_validate({**base, **mass})
+    assert build_sampling_params(request, 8, None).kv_overrides() == mass
     unset = model.model_validate(base)
     assert build_sampling_params(unset, 8, None).kv_overrides() == {}

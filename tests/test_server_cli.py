@@ -71,7 +71,7 @@ def test_every_kv_setting_has_a_flag(command):
     argv += ["--score-window", "16", "--snapkv-kernel", "5", "--snapkv-pooling", "avg"]
     argv += ["--decode-scoring", "frozen"]
     args = build_parser().parse_args(prefix + argv)
-    given = {s.name: getattr(args, s.name) for s in KV_SETTINGS}
+    given = {s.name: getattr(args, s.name) for s in KV_SETTINGS if s.name != "kv_target_mass"}
     assert given == {
         "kv_policy": "streaming",
         "kv_ratio": 0.25,
@@ -87,7 +87,10 @@ def test_every_kv_setting_has_a_flag(command):
         "decode_scoring": "frozen",
         "kv_pressure": "squeeze",
     }
-    assert all(type(v) is s.kind for s, v in zip(KV_SETTINGS, given.values(), strict=True))
+    assert all(type(given[s.name]) is s.kind for s in KV_SETTINGS if s.name in given)
+    # The other budget rule, given instead of --kv-ratio.
+    args = build_parser().parse_args(prefix + ["--kv-policy", "h2o", "--kv-target-mass", "0.95"])
+    assert args.kv_target_mass == 0.95 and args.kv_ratio is None
 
 
 def test_kv_flags_win_over_the_config_file(tmp_path):
@@ -98,6 +101,25 @@ def test_kv_flags_win_over_the_config_file(tmp_path):
     assert (config.kv_policy, config.recent_ratio, config.sink_tokens) == ("full", 0.4, 8)
 
 
+def test_a_kv_ratio_flag_wins_over_the_config_files_target_mass(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  kv_policy: h2o\n  kv_target_mass: 0.9\n")
+    config = serve_config(build_parser().parse_args(["serve", "--config", str(path)]))
+    assert config.kv_policy_settings().chooses_budget and config.kv_target_mass == 0.9
+    argv = ["serve", "--config", str(path), "--kv-ratio", "0.3"]
+    config = serve_config(build_parser().parse_args(argv))
+    assert (config.kv_ratio, config.kv_target_mass) == (0.3, None)
+
+
+def test_kv_ratio_and_target_mass_flags_together_are_an_error():
+    args = build_parser().parse_args(["serve", "--kv-ratio", "0.3", "--kv-target-mass", "0.9"])
+    with pytest.raises(ValueError, match=r"^kv_target_mass and kv_ratio both set the budget"):
+        serve_config(args)
+    with pytest.raises(ValueError, match=r"^kv_target_mass needs a policy that scores keys"):
+        serve_config(build_parser().parse_args(["serve", "--kv-policy", "window",
+                                                "--kv-target-mass", "0.9"]))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
@@ -106,6 +128,7 @@ def test_kv_flags_win_over_the_config_file(tmp_path):
         ("--kv-max-tokens", "0", "kv_max_tokens must be at least 1, got 0"),
         ("--kv-min-tokens", "1.5", "invalid int value: '1.5'"),
         ("--recent-ratio", "nan", "recent_ratio must be in [0, 1], got nan"),
+        ("--kv-target-mass", "0", "kv_target_mass must be in (0, 1], got 0.0"),
     ],
 )
 def test_bad_kv_flag_exits_with_the_settings_message(capsys, flag, value, message):

@@ -67,6 +67,7 @@ def test_a_request_that_says_preempt_is_preempted_not_squeezed(server):
         "budget_tokens": 12,
         "squeezed": False,
         "squeezed_budget_tokens": None,
+        "target_mass": None,
     }
     assert metric(server, "keyserve:num_preemptions_total") > before
 

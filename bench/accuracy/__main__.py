@@ -40,6 +40,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "frozen decode_scoring frozen; e.g. keyformer+w32, snapkv+frozen, snapkv+k1",
     )
     p.add_argument("--budgets", type=_csv(float), default=[0.2, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument(
+        "--kv-target-mass",
+        type=_csv(float),
+        default=[],
+        help="also run every policy that scores keys (h2o, keyformer) with each of these "
+        "kv_target_mass values instead of a ratio, e.g. 0.9,0.95,0.99: rows 'h2o+mass' at "
+        "the target, with each item's chosen budget as its kept_fraction",
+    )
     p.add_argument("--tasks", type=_csv(str), default=list(TASKS))
     p.add_argument(
         "--limit",
@@ -112,8 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = set(args.tasks) - set(TASKS) or {
         p for p in args.policies if not runner.valid_policy_label(p, POLICIES)
     }
-    if bad or not all(0 < b <= 1 for b in args.budgets):
-        p.error(f"unknown task/policy {sorted(bad)} or a budget outside (0, 1]")
+    if bad or not all(0 < b <= 1 for b in [*args.budgets, *args.kv_target_mass]):
+        p.error(f"unknown task/policy {sorted(bad)} or a budget or target outside (0, 1]")
     return args
 
 
@@ -225,6 +233,8 @@ def _meta(
             f"{p}@{b}": round(s, 3) for (p, b), s in result.median_prefill_seconds.items()
         },
         "prompt_tokens": result.prompt_tokens,
+        # kv_target_mass runs: the budget each item chose, in tokens.
+        "kv_budget_tokens_per_run": {f"{p}@{b}": c for (p, b), c in result.kv_budgets.items()},
         "generations": {f"{p}@{b}": o for (p, b), o in result.outputs.items()},
         "items": [{"key": it.key, "gold": it.gold, "meta": it.meta} for it in items],
     }
@@ -246,7 +256,7 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
     llm = llm if llm is not None else load_llm(args)
     max_len = getattr(getattr(llm, "engine", None), "max_model_len", 8192)
     items = build_items(args, llm.get_tokenizer(), max_len)
-    configs = runner.configs(args.policies, args.budgets)
+    configs = runner.configs(args.policies, args.budgets, args.kv_target_mass)
     dtype = dtype_that_runs(llm, args.dtype)
     previous = resume.load(args.out) if args.resume else None
     if previous is not None:

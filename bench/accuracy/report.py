@@ -83,7 +83,9 @@ def _plot_one(agg: dict[Key, tuple[float, int]], task: str, sub: str, metric: st
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for policy in sorted({k[0] for k in agg if k[2:] == (task, sub, metric)}):
         pts = sorted(
-            (k[1], v[0]) for k, v in agg.items() if k[0] == policy and k[2:] == (task, sub, metric)
+            (_x(agg, k), v[0])
+            for k, v in agg.items()
+            if k[0] == policy and k[2:] == (task, sub, metric)
         )
         if policy == "full":
             ax.axhline(pts[0][1], color="black", linestyle="--", label="full")
@@ -95,6 +97,13 @@ def _plot_one(agg: dict[Key, tuple[float, int]], task: str, sub: str, metric: st
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _x(agg: dict[Key, tuple[float, int]], key: Key) -> float:
+    """A point's budget as a fraction of the prompt: a kv_target_mass row's
+    is the mean fraction its items kept (its kept_fraction), not its target."""
+    kept = agg.get((*key[:4], "kept_fraction"))
+    return key[1] if kept is None else kept[0]
 
 
 def plots(agg: dict[Key, tuple[float, int]], out: Path) -> list[Path]:

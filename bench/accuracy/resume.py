@@ -95,6 +95,10 @@ def merge(
             previous.get("squeezed_sequences_per_run", {}), meta["squeezed_sequences_per_run"]
         ),
         "prompt_tokens": prompt_tokens,
+        "kv_budget_tokens_per_run": {
+            config: {**previous.get("kv_budget_tokens_per_run", {}).get(config, {}), **chosen}
+            for config, chosen in meta["kv_budget_tokens_per_run"].items()
+        },
         "generations": generations,
         "items": [*previous["items"], *meta["items"]],
     }

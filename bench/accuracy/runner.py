@@ -8,9 +8,15 @@ from typing import Any
 
 from bench.accuracy.common import Item, Score
 from engine import SamplingParams
+from kv_manager.policies.settings import POSITION_POLICIES
 
 Scorer = Callable[[Sequence[Item], dict[str, str], dict[str, str], str, float], list[Score]]
 FULL = ("full", 1.0)
+# A config whose budget is chosen from kv_target_mass: its policy is labelled
+# "h2o+mass" and its budget is the target (0.95), not a fraction of the prompt.
+MASS = "+mass"
+# Its score rows add the budget each item chose, over the item's prompt tokens.
+KEPT_FRACTION = "kept_fraction"
 
 
 @dataclass
@@ -26,6 +32,8 @@ class RunResult:
     # seconds from a request's first step to its first token (its prefill).
     peak_blocks: dict[tuple[str, float], int] = field(default_factory=dict)
     median_prefill_seconds: dict[tuple[str, float], float] = field(default_factory=dict)
+    # kv_target_mass runs: the budget (tokens) each item's sequence chose.
+    kv_budgets: dict[tuple[str, float], dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,9 +45,14 @@ class KVOptions:
     max_tokens: int | None = None  # a cap on the budget in tokens (kv_max_tokens)
 
 
-def configs(policies: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
-    """Full once (budget 1.0), then every other policy at every budget."""
-    return [FULL] + [(p, b) for p in policies if p != "full" for b in budgets]
+def configs(
+    policies: Sequence[str], budgets: Sequence[float], masses: Sequence[float] = ()
+) -> list[tuple[str, float]]:
+    """Full once (budget 1.0), then every other policy at every budget, then
+    every policy that scores keys at every kv_target_mass ("h2o+mass", 0.95)."""
+    ratios = [(p, b) for p in policies if p != "full" for b in budgets]
+    scored = [p for p in policies if p.split("+")[0] not in ("full", *POSITION_POLICIES)]
+    return [FULL] + ratios + [(p + MASS, m) for p in scored for m in masses]
 
 
 # A policy label names a policy and, after "+", options of it (each run's
@@ -78,10 +91,12 @@ def params(
 ) -> SamplingParams:
     """Greedy; kv_min_tokens 0 by default so the ratio applies to short
     prompts too (it is also the floor a squeeze stops at); a fixed seed per
-    item keeps Keyformer's noise reproducible."""
-    fields = policy_fields(policy)
+    item keeps Keyformer's noise reproducible. A "+mass" policy's budget is
+    its kv_target_mass."""
+    fields = policy_fields(policy.removesuffix(MASS))
     if policy != "full":
-        fields.update(kv_ratio=budget, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
+        rule = "kv_target_mass" if policy.endswith(MASS) else "kv_ratio"
+        fields.update({rule: budget}, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
         if kv.max_tokens is not None:
             fields.update(kv_max_tokens=kv.max_tokens)
     return SamplingParams(temperature=0.0, max_tokens=item.max_tokens, seed=index, **fields)
@@ -140,6 +155,8 @@ def run(
         )
         for it, o in zip(items, outs, strict=True):
             result.prompt_tokens[it.key] = len(o.prompt_token_ids)
+        if policy.endswith(MASS):
+            result.kv_budgets[(policy, budget)] = _chosen_budgets(items, outs)
         if bar is not None:
             bar.update(1)
         else:
@@ -151,8 +168,21 @@ def run(
     return result
 
 
+def _chosen_budgets(items: Sequence[Item], outs: Sequence[Any]) -> dict[str, int]:
+    """The budget each item's sequence chose (usage's kv budget), where the
+    outputs say (an injected fake may not)."""
+    chosen = {}
+    for it, o in zip(items, outs, strict=True):
+        budget = getattr(getattr(o, "kv", None), "budget", None)
+        if budget is not None:
+            chosen[it.key] = budget
+    return chosen
+
+
 def score_all(items: Sequence[Item], result: RunResult, scorers: dict[str, Scorer]) -> list[Score]:
-    """Every config's items scored by their task, with full's outputs as the reference."""
+    """Every config's items scored by their task, with full's outputs as the
+    reference; kv_target_mass configs also score each item's kept fraction
+    (its chosen budget over its prompt tokens, at most 1)."""
     reference = result.outputs[FULL]
     rows: list[Score] = []
     for (policy, budget), outputs in result.outputs.items():
@@ -160,4 +190,10 @@ def score_all(items: Sequence[Item], result: RunResult, scorers: dict[str, Score
             mine = [it for it in items if it.task == task]
             if mine:
                 rows += scorer(mine, outputs, reference, policy, budget)
+        chosen = result.kv_budgets.get((policy, budget), {})
+        rows += [
+            Score(policy, budget, it.task, it.subtask, it.item_id, KEPT_FRACTION,
+                  min(1.0, chosen[it.key] / result.prompt_tokens[it.key]))
+            for it in items if it.key in chosen and it.task in scorers
+        ]  # fmt: skip
     return rows

@@ -11,6 +11,7 @@ from engine.attention.scoring import ScoreSpec
 from engine.config import EngineConfig, parse_bytes
 from engine.loading.loader import load_config, load_model, resolve_model_path
 from engine.loading.tokenizer import load_tokenizer
+from engine.runtime.budget_choice import choose_budgets
 from engine.runtime.eviction import Evictor
 from engine.runtime.kv_cache import PagedKVCache
 from engine.runtime.model_runner import ModelRunner
@@ -264,6 +265,8 @@ class LLMEngine:
         updated = self.scheduler.update_from_output(
             sched, {rid: t.token_id for rid, t in by_id.items()}
         )
+        # Budgets from kv_target_mass, chosen where a prompt just ended.
+        choose_budgets(self.runner.cache, self.kv, [c.request for c in sched.chunks])
         outputs = [self._process(request, by_id[request.request_id]) for request in updated]
         # Evict after the stop checks: a finished request frees everything anyway.
         cuts = self.evictor.evict([c.request for c in sched.chunks])

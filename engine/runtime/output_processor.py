@@ -169,6 +169,7 @@ def _kv_usage(request: Request) -> KVUsage | None:
         request.kv.budget,
         request.squeezed_budget,
         len(request.squeezes),
+        request.kv.settings.kv_target_mass if request.kv.settings.chooses_budget else None,
     )
 
 

@@ -64,6 +64,10 @@ class KVUsage:
     # The budget squeezes left it (kv_pressure squeeze); None: never squeezed.
     squeezed_budget: int | None = None
     num_squeezes: int = 0
+    # The kv_target_mass `budget` was chosen for at the prompt's end (None:
+    # the budget came from kv_ratio); before the prompt ends, `budget` is the
+    # most the choice could give.
+    target_mass: float | None = None
 
     @staticmethod
     def merge(usages: "list[KVUsage | None]") -> "KVUsage | None":
@@ -80,6 +84,7 @@ class KVUsage:
             min(budgets, default=None),
             min(squeezed, default=None),
             sum(u.num_squeezes for u in known),
+            known[0].target_mass,
         )
 
 

@@ -20,6 +20,7 @@ from kv_manager.policies.settings import (
     KVSetting,
 )
 from kv_manager.policies.simple import FullPolicy, StreamingPolicy, WindowPolicy
+from kv_manager.policies.target_mass import keys_for_mass
 
 __all__ = [
     "KV_POLICY_FIELDS",
@@ -39,6 +40,7 @@ __all__ = [
     "SnapKVPolicy",
     "StreamingPolicy",
     "WindowPolicy",
+    "keys_for_mass",
     "make_policy",
     "pool_neighbours",
 ]

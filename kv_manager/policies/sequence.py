@@ -1,6 +1,6 @@
 """A request's eviction policy, resolved: its settings, policy and budget."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kv_manager.policies.base import EvictionPolicy
 from kv_manager.policies.heavy_hitters import H2OPolicy, KeyformerPolicy, SnapKVPolicy
@@ -29,10 +29,18 @@ class SequencePolicy:
     policy: EvictionPolicy
     budget: int | None  # slots kept; None: never evicts
     seed: int  # the request's seed, also Keyformer's noise key
+    # kv_target_mass: `budget` is the most the choice can give until the
+    # prompt's end, when the engine chooses it (with_budget).
+    budget_pending: bool = False
 
     @classmethod
     def resolve(cls, settings: KVPolicySettings, prompt_len: int, seed: int) -> "SequencePolicy":
-        return cls(settings, make_policy(settings), settings.budget(prompt_len), seed)
+        budget = settings.budget(prompt_len)
+        return cls(settings, make_policy(settings), budget, seed, settings.chooses_budget)
+
+    def with_budget(self, budget: int) -> "SequencePolicy":
+        """This policy with its budget chosen (kv_target_mass)."""
+        return replace(self, budget=budget, budget_pending=False)
 
     @property
     def scores_keys(self) -> bool:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar, get_args
 
 POLICY_NAMES = ("full", "window", "streaming", "h2o", "keyformer", "snapkv")
+# Evicting policies that rank keys by position alone: no score, so no
+# kv_target_mass (every other evicting policy scores its keys).
+POSITION_POLICIES = ("window", "streaming")
 # What a running sequence gives up when the KV pool is full (kv_pressure).
 PRESSURE_NAMES = ("preempt", "squeeze")
 # snapkv: how a key's window score is pooled over its neighbours.
@@ -77,6 +80,11 @@ class KVPolicySettings:
     The budget is k = max(floor(n * kv_ratio), kv_min_tokens) for a prompt of
     n tokens, capped by kv_max_tokens when set; a sequence under k never evicts.
     The defaults are the project's point: Keyformer at half the prompt.
+
+    With kv_target_mass set (a scoring policy), kv_ratio is not used: k is
+    chosen at the end of the prompt, the fewest keys whose cut keeps that
+    share of the score in every (layer, KV head) (policies/target_mass.py),
+    floored and capped as above; until then k is the most it could be.
     """
 
     kv_policy: str = _setting(
@@ -85,6 +93,13 @@ class KVPolicySettings:
         choices=POLICY_NAMES,
     )
     kv_ratio: float = _setting(0.5, "KV budget as a fraction of the prompt", gt=0.0, le=1.0)
+    kv_target_mass: float | None = _setting(
+        None,
+        "instead of kv_ratio: at the prompt's end, budget the fewest keys that keep this "
+        "share of the accumulated score in every layer and KV head (scoring policies)",
+        gt=0.0,
+        le=1.0,
+    )
     kv_max_tokens: int | None = _setting(None, "cap on the budget in tokens, if any", ge=1)
     kv_min_tokens: int = _setting(
         128, "floor on the budget in tokens: a sequence under it never evicts", ge=0
@@ -131,16 +146,32 @@ class KVPolicySettings:
     def __post_init__(self) -> None:
         for name in KV_POLICY_FIELDS:
             check_kv_setting(name, getattr(self, name))
+        check_budget_rule(self.kv_policy, self.kv_target_mass)
 
     @property
     def evicts(self) -> bool:
         return self.kv_policy != "full"
 
+    @property
+    def chooses_budget(self) -> bool:
+        """Whether the budget is chosen from kv_target_mass at the prompt's end
+        (full ignores the target: it keeps every key)."""
+        return self.evicts and self.kv_target_mass is not None
+
     def budget(self, prompt_len: int) -> int | None:
-        """Slots the sequence keeps (k), or None for no eviction."""
+        """Slots the sequence keeps (k), or None for no eviction. With
+        kv_target_mass: the most the choice at the prompt's end can give (every
+        prompt key, floored and capped), which admission and the mid-prompt
+        cuts go by until then."""
         if not self.evicts:
             return None
-        k = max(math.floor(prompt_len * self.kv_ratio), self.kv_min_tokens)
+        if self.chooses_budget:
+            return self.clamp_budget(prompt_len)
+        return self.clamp_budget(math.floor(prompt_len * self.kv_ratio))
+
+    def clamp_budget(self, keys: int) -> int:
+        """`keys` floored by kv_min_tokens, capped by kv_max_tokens, at least 1."""
+        k = max(keys, self.kv_min_tokens)
         if self.kv_max_tokens is not None:
             k = min(k, self.kv_max_tokens)
         return max(k, 1)
@@ -179,11 +210,21 @@ class KVPolicySettings:
         return max(0, end - w)
 
     def with_overrides(self, **overrides: Any) -> "KVPolicySettings":
-        """A copy with the non-None `overrides` applied (and validated)."""
+        """A copy with the non-None `overrides` applied (and validated).
+
+        A request's own budget rule wins over a default kv_target_mass: one
+        that gives kv_ratio, or a position-only policy without a target of its
+        own, gets its budget from kv_ratio."""
         unknown = sorted(set(overrides) - set(KV_POLICY_FIELDS))
         if unknown:
             raise ValueError(f"unknown KV policy settings: {unknown}")
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        check_one_budget_rule(given)
+        if "kv_target_mass" not in given and (
+            "kv_ratio" in given or given.get("kv_policy") in POSITION_POLICIES
+        ):
+            given["kv_target_mass"] = None
+        return replace(self, **given)
 
 
 # The KV fields, as every layer above spells them (engine config,
@@ -249,6 +290,24 @@ def check_kv_setting(name: str, value: Any) -> None:
     _BY_NAME[name].check(value)
 
 
+def check_one_budget_rule(given: dict[str, Any]) -> None:
+    """A request sets its budget by kv_ratio or by kv_target_mass, not both."""
+    if given.get("kv_target_mass") is not None and given.get("kv_ratio") is not None:
+        raise ValueError(
+            "kv_target_mass and kv_ratio both set the budget: give one of them, not both"
+        )
+
+
+def check_budget_rule(policy: str | None, target_mass: float | None) -> None:
+    """A kv_target_mass needs scores to weigh: window and streaming have none
+    (a ValueError naming kv_target_mass, a 400 in the server)."""
+    if target_mass is not None and policy in POSITION_POLICIES:
+        raise ValueError(
+            f"kv_target_mass needs a policy that scores keys; {policy} keeps keys by "
+            "position only: give kv_ratio instead"
+        )
+
+
 # -- the fields, derived for the layers above ---------------------------------
 
 _C = TypeVar("_C", bound=type)
@@ -281,8 +340,11 @@ class KVPolicyOverrides:
     """
 
     def __post_init__(self) -> None:
-        for name, value in self.kv_overrides().items():
+        given = self.kv_overrides()
+        for name, value in given.items():
             check_kv_setting(name, value)
+        check_one_budget_rule(given)
+        check_budget_rule(given.get("kv_policy"), given.get("kv_target_mass"))
 
     def kv_overrides(self) -> dict[str, Any]:
         """The KV settings this request sets."""
