@@ -142,3 +142,29 @@ def test_a_block_size_goes_to_every_server_alike():
     # Unset: neither is told, so each keeps its own default.
     assert "--block-size" not in vllm_server("/venv/bin/python", parse_args([]), 8300).command
     assert "--block-size" not in keyserve_server("full", parse_args([]), 8401).command
+
+
+def test_a_rate_runs_poisson_arrivals_instead_of_a_concurrency(monkeypatch, tmp_path):
+    """--rate: one load per prompt length, each run sent at that rate (no
+    concurrency), named and summarized by it."""
+    args = parse_args(["--policies", "keyformer", "--kv-pressure", "preempt", "squeeze",
+                       "--rate", "2", "--rounds", "1"])  # fmt: skip
+    assert args.concurrency == [None]
+    calls = []
+
+    async def fake_load(url, model, **kw):
+        calls.append(kw)
+        run = _run(kw["name"].split("_p")[0], 1, 10.0, 4)
+        run["settings"].update(concurrency=kw["concurrency"], rate=kw["rate"])
+        return run
+
+    monkeypatch.setattr(compare, "run_load", fake_load)
+    monkeypatch.setattr(compare, "write_results", lambda result, out: None)
+    servers = [Server("keyserve-keyformer", []), Server("keyserve-keyformer-squeeze", [])]
+    results = compare.run_rounds(servers, args, tmp_path)
+    assert [(c["concurrency"], c["rate"]) for c in calls] == [(None, 2.0)] * 2
+    assert calls[1]["name"] == "keyserve-keyformer-squeeze_p512_rate2_r1"
+    text = summary(results, servers, args)
+    assert "## 512-token prompts, Poisson arrivals at 2/s" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert rows["keyserve-keyformer-squeeze"].rstrip(" |").endswith("1.00")

@@ -135,7 +135,8 @@ def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> li
             # (vLLM's is on by default) must not answer from an earlier run.
             seed = args.seed + 1000 * round_ + load_index
             for server in servers:
-                name = f"{server.label}_p{prompt_tokens}_c{concurrency}_r{round_}"
+                load = _arrivals(concurrency, args.rate)
+                name = f"{server.label}_p{prompt_tokens}_{load}_r{round_}"
                 print(f"== {name}", file=sys.stderr, flush=True)
                 result = asyncio.run(
                     run_load(
@@ -145,6 +146,7 @@ def run_rounds(servers: list[Server], args: argparse.Namespace, out: Path) -> li
                         output_tokens=args.output_tokens,
                         num_requests=args.num_requests,
                         concurrency=concurrency,
+                        rate=args.rate,
                         full_share=args.full_share,
                         seed=seed,
                         name=name,
@@ -201,7 +203,8 @@ def summary(results: list[dict], servers: list[Server], args: argparse.Namespace
     for prompt_tokens, concurrency in [
         (p, c) for p in args.prompt_tokens for c in args.concurrency
     ]:
-        lines += [f"## {prompt_tokens}-token prompts, concurrency {concurrency}", ""]
+        load = f"Poisson arrivals at {args.rate:g}/s" if args.rate else f"concurrency {concurrency}"
+        lines += [f"## {prompt_tokens}-token prompts, {load}", ""]
         header = ["server", *(c for c, _ in SUMMARY_FIGURES), "ratio"]
         lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
         base = servers[0].label
@@ -259,6 +262,11 @@ def paired_ratio(
     drift, which a ratio of the two columns' medians (runs from different
     rounds) does not ensure."""
     return _median(round_ratios(results, label, base, prompt_tokens, concurrency))
+
+
+def _arrivals(concurrency: int | None, rate: float | None) -> str:
+    """A run name's load part: c16, or rate2 for Poisson arrivals."""
+    return f"rate{rate:g}" if rate else f"c{concurrency}"
 
 
 def _list(values: list[int]) -> str:
@@ -333,13 +341,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="instead of --concurrency: Poisson arrivals at this many requests/s (a bursty "
+        "load: requests queue when they arrive faster than the server finishes them)",
+    )
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-port", type=int, default=8300)
     p.add_argument("--out", type=Path, default=Path("bench/results/performance"))
     p.add_argument("--name", default="compare")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rate:
+        args.concurrency = [None]  # one load per prompt length, arrivals by rate
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
