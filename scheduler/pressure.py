@@ -7,6 +7,15 @@ score first, and cuts them at once so the blocks are free before the batch is
 reserved. It preempts only when nothing is left to squeeze. A sequence is
 never squeezed below its `kv_min_tokens`; `full` sequences never are.
 
+It squeezes to admit too: when the request at the head of the waiting queue
+(FCFS, as admission goes) does not fit in the free blocks, the same sequences
+are squeezed by the same rule to make room for it, but only when squeezing
+can free all it needs; then the next one, while `max_num_seqs` and the token
+budget allow. Whether a sequence may be squeezed is its own `kv_pressure`,
+whatever the waiting request asked: `squeeze` says "lower my budget rather
+than make me or others wait"; the waiting request's own setting speaks for
+its budget once it runs.
+
 "Retained score lost" is the share of a sequence's cached score (summed over
 its slots, layers and KV heads) that the keys a squeeze would evict hold, so
 sequences of any length compare; for the position-only policies (window,
@@ -66,6 +75,14 @@ def squeeze_target(
     return target if target >= floor else None
 
 
+def squeeze_capacity(request: Request, num_slots: int, new_tokens: int, block_size: int) -> int:
+    """How many squeeze steps the sequence has before its floor: the blocks
+    squeezing it can take off this step's peak (as `squeeze_target` steps)."""
+    floor = max(request.kv.settings.kv_min_tokens, 1)
+    peak = blocks_for(num_slots + new_tokens, block_size)
+    return max(0, peak - blocks_for(floor + new_tokens, block_size))
+
+
 @dataclass(order=True)
 class _Step:
     """One squeeze step of one sequence, ordered by the score it adds to
@@ -81,9 +98,64 @@ class _Step:
     lost_in_all: float = field(compare=False)
 
 
+class SqueezePlan:
+    """The squeezes that make one step's blocks fit, chosen as what the step
+    needs grows: first the running set's blocks, then each waiting request's
+    admission (`cover`). Nothing is cut until `PressureValve.squeeze`.
+
+    Each step takes exactly one block off its sequence's peak, so how many
+    blocks squeezing can free is known from block counts alone
+    (`squeeze_capacity`): a shortage it cannot cover is refused before any
+    score is read, and nothing is ever squeezed for nothing.
+    """
+
+    def __init__(self, valve: "PressureValve", plan: list[tuple[Request, int]]) -> None:
+        kv = valve.kv
+        self._valve = valve
+        # (request, new tokens, index in the plan) of each squeezable one.
+        self._candidates = [(r, n, i) for i, (r, n) in enumerate(plan) if squeezable(r)]
+        self.num_tokens = sum(n for _, n in plan)
+        self.short = sum(kv.blocks_needed(r.request_id, n) for r, n in plan) - kv.num_free_blocks
+        self._capacity = sum(
+            squeeze_capacity(r, kv.num_slots(r.request_id), n, kv.block_size)
+            for r, n, _ in self._candidates
+        )
+        self._heap: list[_Step] | None = None  # built when a squeeze is first needed
+        self._chosen: dict[str, _Step] = {}
+
+    @property
+    def chosen(self) -> list[_Step]:
+        """One step per squeezed sequence: the last, whose budget it is cut to."""
+        return list(self._chosen.values())
+
+    def cover(self, blocks: int = 0) -> bool:
+        """Add `blocks` to what the step needs and choose the squeezes that
+        make it fit, cheapest first; False, changing nothing, when squeezing
+        cannot free enough (`cover()` asks for the blocks already planned)."""
+        short = self.short + blocks
+        if short > self._capacity:
+            return False
+        self.short = short
+        while self.short > 0:
+            self._take_cheapest()
+        return True
+
+    def _take_cheapest(self) -> None:
+        if self._heap is None:
+            first = (self._valve.step(r, n, i, None) for r, n, i in self._candidates)
+            self._heap = [s for s in first if s is not None]
+            heapq.heapify(self._heap)
+        step = heapq.heappop(self._heap)
+        self._chosen[step.request.request_id] = step
+        self.short -= 1
+        self._capacity -= 1
+        following = self._valve.step(step.request, step.new_tokens, -step.newness, step)
+        if following is not None:
+            heapq.heappush(self._heap, following)
+
+
 class PressureValve:
-    """Squeezes running sequences until this step's blocks fit, or until
-    nothing is left to squeeze.
+    """Plans squeezes of running sequences (`SqueezePlan`) and makes them.
 
     It plans first and cuts after: every step is measured as a cut straight
     from the sequence's cache as it is, and each squeezed sequence is cut
@@ -103,38 +175,17 @@ class PressureValve:
         # Records the squeeze and frees the blocks past the cut (the scheduler).
         self.apply = apply
 
-    def choose(self, plan: list[tuple[Request, int]]) -> tuple[list[_Step], int]:
-        """The squeezes that make the plan (each running request and the
-        tokens it computes this step) fit in the pool, cheapest first, one
-        per squeezed sequence (its last step), and the blocks still short
-        after them (> 0: squeezing cannot cover it). Nothing is cut yet."""
-        short = self._blocks_short(plan)
-        if short <= 0:
-            return [], short
-        heap = [self._step(r, n, i, None) for i, (r, n) in enumerate(plan) if squeezable(r)]
-        heap = [s for s in heap if s is not None]
-        heapq.heapify(heap)
-        chosen: dict[str, _Step] = {}
-        # NOTE: each step takes exactly one block off its sequence's peak.
-        while short > 0 and heap:
-            step = heapq.heappop(heap)
-            chosen[step.request.request_id] = step
-            short -= 1
-            following = self._step(step.request, step.new_tokens, -step.newness, step)
-            if following is not None:
-                heapq.heappush(heap, following)
-        return list(chosen.values()), short
+    def plan(self, plan: list[tuple[Request, int]]) -> SqueezePlan:
+        """A plan for this step: each running request and the tokens it
+        computes this step; `cover()` on it chooses the squeezes they need."""
+        return SqueezePlan(self, plan)
 
-    def squeeze(self, chosen: list[_Step]) -> None:
-        """Cut each chosen sequence to its new budget now."""
-        for step in chosen:
+    def squeeze(self, plan: SqueezePlan) -> None:
+        """Cut each sequence the plan chose to its new budget now."""
+        for step in plan.chosen:
             self.apply(step.request, self.squeezer.cut(step.request, step.budget))
 
-    def _blocks_short(self, plan: list[tuple[Request, int]]) -> int:
-        need = sum(self.kv.blocks_needed(r.request_id, n) for r, n in plan)
-        return need - self.kv.num_free_blocks
-
-    def _step(
+    def step(
         self, request: Request, new_tokens: int, index: int, before: _Step | None
     ) -> _Step | None:
         """The sequence's next squeeze step after `before` (None: its first)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from kv_manager import KVCacheManager
 from kv_manager.manager import blocks_for
 from scheduler.output import ScheduledChunk, SchedulerOutput, SlotCut
-from scheduler.pressure import PressureValve, Squeezer, squeezable
+from scheduler.pressure import PressureValve, SqueezePlan, Squeezer, squeezable
 from scheduler.request import Request, RequestStatus
 
 
@@ -34,7 +34,8 @@ class Scheduler:
     cannot get a block, the newest running request is preempted: its blocks
     are freed and it is recomputed later from its tokens so far. With a
     `squeezer`, running sequences that allow it (kv_pressure squeeze) are
-    squeezed first (scheduler/pressure.py).
+    squeezed first, and squeezed to admit the head of the waiting queue
+    when that frees enough for it (scheduler/pressure.py).
     """
 
     def __init__(
@@ -127,34 +128,55 @@ class Scheduler:
         """Pick this step's chunks and reserve their KV slots."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        squeezed = self._squeeze_or_preempt(out, budget)
+        limit = self._squeeze_or_preempt(out, budget)
         budget = self._schedule_running(out, budget)
-        # NOTE: after a preemption or a squeeze, memory is short: admitting new
-        # work now would only preempt or squeeze again next step.
-        if not out.preempted and not squeezed:
-            self._schedule_waiting(out, budget)
+        # NOTE: after a preemption memory is short: admitting new work now
+        # would only preempt again next step.
+        if not out.preempted:
+            self._schedule_waiting(out, budget, limit)
         return out
 
-    def _squeeze_or_preempt(self, out: SchedulerOutput, budget: int) -> bool:
+    def _squeeze_or_preempt(self, out: SchedulerOutput, budget: int) -> int | None:
         """Make room for the running set by squeezing (scheduler/pressure.py)
-        where squeezing covers the shortage, else preempt the newest and
-        plan again; True if anything was squeezed. Without a sequence that
-        allows squeezing, `_schedule_running` preempts as it always has."""
+        where squeezing covers the shortage, else preempt the newest and plan
+        again; then squeeze to admit waiting requests. Returns how many
+        waiting requests may be admitted when anything was squeezed (None:
+        as many as fit). Without a sequence that allows squeezing,
+        `_schedule_running` preempts as it always has."""
         if self.valve is None or not any(squeezable(r) for r in self.running):
-            return False
-        chosen: list = []
+            return None
         while self.running:
-            chosen, short = self.valve.choose(self._running_plan(budget))
-            if short <= 0:
-                break
+            plan = self.valve.plan(self._running_plan(budget))
             # NOTE: squeezes that cannot spare a preemption are not made: a
             # preemption frees more than they would, and may make them moot.
-            chosen = []
+            if plan.cover():
+                break
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)
-        self.valve.squeeze(chosen)
-        return bool(chosen)
+        if out.preempted:
+            return None
+        admitted = self._squeeze_to_admit(plan, budget)
+        self.valve.squeeze(plan)
+        # NOTE: after a squeeze only what the plan made room for comes in: any
+        # more would squeeze or preempt again next step.
+        return admitted if plan.chosen else None
+
+    def _squeeze_to_admit(self, plan: SqueezePlan, budget: int) -> int:
+        """How many waiting requests, from the head, the plan makes room for,
+        squeezing as it must, as `_schedule_waiting` admits them (each on its
+        prefill's peak; `max_num_seqs` and the token budget bound them)."""
+        budget -= plan.num_tokens
+        seats = self.config.max_num_seqs - len(self.running)
+        admitted = 0
+        for request in self.waiting:
+            if budget <= 0 or admitted >= seats:
+                break
+            if not plan.cover(blocks_for(self._prefill_slots(request), self.kv.block_size)):
+                break  # strictly FCFS, as admission: nothing is squeezed for later ones
+            budget -= min(self._chunk_tokens(request), budget)
+            admitted += 1
+        return admitted
 
     def _running_plan(self, budget: int) -> list[tuple[Request, int]]:
         """Each running request and the tokens `_schedule_running` gives it
@@ -217,8 +239,10 @@ class Scheduler:
         # Popped newest-first, so pushing each to the front keeps arrival order.
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, limit: int | None) -> None:
+        seats = self.config.max_num_seqs - len(self.running)
+        seats = seats if limit is None else min(seats, limit)
+        while self.waiting and budget > 0 and seats > 0:
             request = self.waiting[0]
             # Admit only when the prefill's peak fits in the free blocks, not
             # just this chunk; strictly FCFS, so a large request at the head is
@@ -236,6 +260,7 @@ class Scheduler:
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, 0, n, 0))
             budget -= n
+            seats -= 1
 
     def _prefill_slots(self, request: Request) -> int:
         """Slots a (re)prefill needs at its peak."""

@@ -37,10 +37,10 @@ def _prompts(lengths: list[int]) -> list[list[int]]:
     return [torch.randint(3, 250, (n,), generator=g).tolist() for n in lengths]
 
 
-def _params(policy: str, i: int, pressure: str) -> SamplingParams:
+def _params(policy: str, i: int, pressure: str, kv: dict = KV) -> SamplingParams:
     return SamplingParams(
         temperature=0.0 if i % 2 == 0 else 0.8, seed=40 + i, max_tokens=MAX_TOKENS,
-        ignore_eos=True, kv_policy=policy, kv_pressure=pressure, **KV,
+        ignore_eos=True, kv_policy=policy, kv_pressure=pressure, **kv,
     )  # fmt: skip
 
 
@@ -134,3 +134,56 @@ def test_requests_that_say_preempt_are_not_squeezed_beside_ones_that_say_squeeze
         if pressure == "preempt" or i == 0:
             assert requests[str(i)].squeezes == [], i
     assert llm.engine.stats()["squeezes"] > 0
+
+
+# Squeezing to admit: at kv_ratio 0.5 a sequence is admitted on its whole
+# prompt, then holds half of it, so a burst waits on admission, not on its
+# decodes. Eight requests in 20 blocks: five run at once under preempt.
+HALF = dict(KV, kv_ratio=0.5)
+BURST = ["full", "h2o", "keyformer", "window", "streaming", "h2o", "keyformer", "h2o"]
+BURST_LENGTHS = [16, 16, 20, 24, 12, 16, 20, 16]
+
+
+def _burst(folder, pressure: str):
+    """Runs the burst; returns the engine, its outputs, its Requests and the
+    ids of sequences squeezed in a step that admitted a waiting request."""
+    llm = _llm(folder, 20)
+    engine = llm.engine
+    checker = InvariantChecker(llm)
+    requests, results, squeezed_to_admit = {}, {}, set()
+    for i, (prompt, policy) in enumerate(zip(_prompts(BURST_LENGTHS), BURST, strict=True)):
+        params = _params(policy, i, pressure, HALF)
+        engine.add_request(str(i), prompt, params)
+        requests[str(i)] = (engine.scheduler.requests[str(i)], prompt, params)
+    while engine.has_unfinished_requests():
+        waiting = {r.request_id for r in engine.scheduler.waiting}
+        cuts = {i: len(r.squeezes) for i, (r, _, _) in requests.items()}
+        for out in engine.step():
+            results[out.request_id] = out if out.finished else results.get(out.request_id)
+        admitted = waiting - {r.request_id for r in engine.scheduler.waiting}
+        if admitted:
+            squeezed = {i for i, (r, _, _) in requests.items() if len(r.squeezes) > cuts[i]}
+            squeezed_to_admit |= squeezed
+        checker.check()
+    assert engine.kv.num_used_blocks == 0
+    assert engine.kv.pool.num_free == engine.kv.num_total_blocks
+    return engine, results, requests, squeezed_to_admit
+
+
+def test_squeezing_to_admit_runs_more_at_once_and_keeps_the_dense_reference(folder):
+    preempt, _, _, none = _burst(folder, "preempt")
+    engine, results, requests, squeezed_to_admit = _burst(folder, "squeeze")
+    before, after = preempt.stats(), engine.stats()
+    assert before["squeezes"] == 0 and not none
+    assert after["peak_running"] > before["peak_running"], (before, after)
+    assert after["preemptions"] == 0 and after["squeezes"] > 0
+    assert squeezed_to_admit and "0" not in squeezed_to_admit  # full never is
+    for i, (request, prompt, params) in requests.items():
+        settings = KVPolicySettings(kv_policy=params.kv_policy, **HALF)
+        reference = DenseReference(engine.model, settings)
+        want = reference.generate(prompt, params, budgets=dict(request.squeezes))
+        assert results[i].outputs[0].token_ids == want, params.kv_policy
+        usage = results[i].kv
+        assert usage.num_squeezes == len(request.squeezes)
+        assert usage.squeezed_budget == (request.slot_budget if request.squeezes else None)
+        assert all(budget >= HALF["kv_min_tokens"] for _, budget in request.squeezes)

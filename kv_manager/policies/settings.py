@@ -139,7 +139,8 @@ class KVPolicySettings:
     kv_pressure: str = _setting(
         "preempt",
         "when the KV pool is full: squeeze lowers this evicting sequence's budget "
-        "(never below kv_min_tokens) before anything is preempted; preempt keeps its budget",
+        "(never below kv_min_tokens) before anything is preempted, and to admit "
+        "waiting requests; preempt keeps its budget",
         choices=PRESSURE_NAMES,
     )
 
