@@ -334,3 +334,16 @@ def test_request_metrics_follow_the_lifecycle():
     out = engine.abort_request("m2")
     assert out.metrics.finished_time is not None and out.metrics.first_token_time is None
     assert engine.kv.num_used_blocks == 0
+
+
+def test_offline_outputs_carry_their_timeline(llm):
+    """LLM.generate's outputs keep the engine's RequestMetrics (TTFT is
+    first_token_time - arrival_time); with n > 1, one timeline: the first
+    token of any completion, the last finish of all."""
+    params = SamplingParams(max_tokens=4, n=2, temperature=1.0, seed=3, ignore_eos=True)
+    single, pair = llm.generate(["one two", "three four"], [SamplingParams(max_tokens=3), params])
+    for out in (single, pair):
+        m = out.metrics
+        assert m is not None
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time
+        assert m.first_token_time <= m.last_token_time <= m.finished_time

@@ -7,7 +7,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.runtime.llm_engine import LLMEngine, PromptType
-from engine.runtime.outputs import KVUsage, RequestOutput
+from engine.runtime.outputs import KVUsage, RequestMetrics, RequestOutput
 from engine.runtime.sampling_params import SamplingParams
 
 
@@ -107,4 +107,5 @@ def _merge(
         finished=True,
         prompt_logprobs=first.prompt_logprobs,
         kv=KVUsage.merge([out.kv for out in outs]),
+        metrics=RequestMetrics.merge([out.metrics for out in outs]),
     )

@@ -46,6 +46,28 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
 
+    @staticmethod
+    def merge(metrics: "list[RequestMetrics | None]") -> "RequestMetrics | None":
+        """One timeline for the sequences of one request (n > 1): the first
+        arrival, schedule and token, the last token and finish."""
+        known = [m for m in metrics if m is not None]
+        if not known:
+            return None
+
+        def first(name: str) -> float | None:
+            return min((v for m in known if (v := getattr(m, name)) is not None), default=None)
+
+        def last(name: str) -> float | None:
+            return max((v for m in known if (v := getattr(m, name)) is not None), default=None)
+
+        return RequestMetrics(
+            min(m.arrival_time for m in known),
+            first("first_scheduled_time"),
+            first("first_token_time"),
+            last("last_token_time"),
+            last("finished_time"),
+        )
+
     @property
     def time_in_queue(self) -> float | None:
         """Seconds from arrival to the first step that ran it."""
