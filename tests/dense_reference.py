@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import LLM
 from engine.attention.layer import PagedAttention
 from engine.runtime.sampler import SamplingRow, sample
 from engine.runtime.sampling_params import SamplingParams
@@ -313,3 +314,55 @@ def mass_keys(held: dict[int, float], length: int, settings: KVPolicySettings) -
         if kept >= settings.kv_target_mass * total:
             return k
     return max(len(held), 1)
+
+
+# -- the engine against the reference, cut by cut ---------------------------
+
+
+def record_held(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[int], dict]:
+    """The engine's tokens, and after every step the scores and positions
+    [L, Hkv, slots] of the keys the request holds, by its length (the pool
+    whole at the end)."""
+    engine, held, tokens = llm.engine, {}, None
+    engine.add_request("0", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+        for req in engine.scheduler.running:
+            blocks, n = engine.kv.block_table("0"), engine.kv.num_slots("0")
+            scores, positions = engine.runner.cache.read_slot_state(blocks, n)
+            held[req.num_computed_tokens] = (scores.clone(), positions.clone())
+    assert engine.kv.num_used_blocks == 0
+    return tokens, held
+
+
+def compare_cuts(
+    llm: LLM, prompt: list[int], params: SamplingParams, chunk: int | None
+) -> tuple[list[int], dict]:
+    """Run the engine and the dense reference (the request's KV settings,
+    prompt chunks of `chunk`); at every cut the reference makes, the engine
+    holds the same keys with the same scores, and the tokens are equal.
+    Returns the lengths compared and what the engine held (record_held)."""
+    tokens, held = record_held(llm, prompt, params)
+    fields = {k: getattr(params, k) for k in params.kv_overrides()}
+    reference = DenseReference(llm.engine.model, KVPolicySettings(**fields))
+    checked = []
+
+    def compare(length: int) -> None:
+        if length not in held:
+            return  # the last decode step's cut: the request has left
+        scores, positions = held[length]
+        for layer in range(positions.shape[0]):
+            for head in range(positions.shape[1]):
+                kept = positions[layer, head].tolist()
+                assert set(kept) == reference.kept(layer, head), (length, layer, head)
+                expected = [reference.score(layer, head, j) for j in kept]
+                torch.testing.assert_close(
+                    scores[layer, head].float(), torch.tensor(expected), rtol=1e-4, atol=1e-5
+                )
+        checked.append(length)
+
+    reference.on_cut = compare
+    assert reference.generate(prompt, params, chunk=chunk) == tokens
+    return checked, held

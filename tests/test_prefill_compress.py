@@ -7,7 +7,7 @@ same chunking."""
 import httpx
 import pytest
 import torch
-from dense_reference import DenseReference
+from dense_reference import DenseReference, compare_cuts
 from live_server import LiveServer
 from test_server_errors import assert_error
 from tiny_models import FAMILIES, build_tiny_model
@@ -30,24 +30,6 @@ def _prompt(n: int, seed: int = 7) -> list[int]:
     return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _record(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[int], dict]:
-    """The engine's tokens, and after every step the positions and scores
-    [L, Hkv, slots] of the keys the request holds, by its length."""
-    engine, held = llm.engine, {}
-    engine.add_request("0", prompt, params)
-    tokens = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens = out.outputs[0].token_ids
-        for req in engine.scheduler.running:
-            blocks, n = engine.kv.block_table("0"), engine.kv.num_slots("0")
-            scores, positions = engine.runner.cache.read_slot_state(blocks, n)
-            held[req.num_computed_tokens] = (scores.clone(), positions.clone())
-    assert engine.kv.num_used_blocks == 0
-    return tokens, held
-
-
 @pytest.mark.parametrize("policy", ["h2o", "keyformer"])
 def test_chunked_cuts_keep_the_dense_references_keys_and_scores(small, policy):
     llm = LLM(
@@ -58,26 +40,7 @@ def test_chunked_cuts_keep_the_dense_references_keys_and_scores(small, policy):
     params = SamplingParams(
         temperature=0.0, seed=11, max_tokens=3, ignore_eos=True, kv_policy=policy, **KV
     )
-    tokens, held = _record(llm, prompt, params)
-    reference = DenseReference(llm.engine.model, KVPolicySettings(kv_policy=policy, **KV))
-    checked = []
-
-    def compare(length: int) -> None:
-        if length not in held:
-            return  # the last decode step's cut: the request has left
-        scores, positions = held[length]
-        for layer in range(positions.shape[0]):
-            for head in range(positions.shape[1]):
-                kept = positions[layer, head].tolist()
-                assert set(kept) == reference.kept(layer, head), (length, layer, head)
-                expected = [reference.score(layer, head, j) for j in kept]
-                torch.testing.assert_close(
-                    scores[layer, head].float(), torch.tensor(expected), rtol=1e-4, atol=1e-5
-                )
-        checked.append(length)
-
-    reference.on_cut = compare
-    assert reference.generate(prompt, params, chunk=CHUNK) == tokens
+    checked, held = compare_cuts(llm, prompt, params, CHUNK)
     # The mid-prompt cuts (the later chunks' scores on a compacted cache) and
     # the prompt's end were all compared, each at exactly the budget.
     assert checked[:5] == [16, 32, 48, 64, 70]

@@ -5,7 +5,7 @@ batch ended early scores as in one chunk; the window's rule."""
 
 import pytest
 import torch
-from dense_reference import DenseReference
+from dense_reference import DenseReference, compare_cuts, record_held
 from test_eviction_parity import _run_checked
 from tiny_models import build_tiny_model
 
@@ -51,57 +51,12 @@ def _params(policy: str, extra: dict, **kv) -> SamplingParams:
     )
 
 
-def _record(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[int], dict]:
-    """The engine's tokens, and after every step the scores and positions
-    [L, Hkv, slots] of the keys the request holds, by its length."""
-    engine, held, tokens = llm.engine, {}, None
-    engine.add_request("0", prompt, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens = out.outputs[0].token_ids
-        for req in engine.scheduler.running:
-            blocks, n = engine.kv.block_table("0"), engine.kv.num_slots("0")
-            scores, positions = engine.runner.cache.read_slot_state(blocks, n)
-            held[req.num_computed_tokens] = (scores.clone(), positions.clone())
-    assert engine.kv.num_used_blocks == 0
-    return tokens, held
-
-
-def _compare_with_reference(llm, prompt, params, chunk) -> list[int]:
-    """Run the engine and the dense reference; at every cut the reference
-    makes, the engine holds the same keys with the same scores. Returns the
-    lengths compared."""
-    tokens, held = _record(llm, prompt, params)
-    fields = {k: getattr(params, k) for k in params.kv_overrides()}
-    reference = DenseReference(llm.engine.model, KVPolicySettings(**fields))
-    checked = []
-
-    def compare(length: int) -> None:
-        if length not in held:
-            return  # the last decode step's cut: the request has left
-        scores, positions = held[length]
-        for layer in range(positions.shape[0]):
-            for head in range(positions.shape[1]):
-                kept = positions[layer, head].tolist()
-                assert set(kept) == reference.kept(layer, head), (length, layer, head)
-                expected = [reference.score(layer, head, j) for j in kept]
-                torch.testing.assert_close(
-                    scores[layer, head].float(), torch.tensor(expected), rtol=1e-4, atol=1e-5
-                )
-        checked.append(length)
-
-    reference.on_cut = compare
-    assert reference.generate(prompt, params, chunk=chunk) == tokens
-    return checked
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compressed_while_prefilling_equals_the_dense_reference(small, variant):
     policy, extra = VARIANTS[variant]
     llm = _llm(small, CHUNK)
     prompt = _prompt(70)  # budget 21: cut at 32, 48, 64 and 70 (16 is under it)
-    checked = _compare_with_reference(llm, prompt, _params(policy, extra), CHUNK)
+    checked, _ = compare_cuts(llm, prompt, _params(policy, extra), CHUNK)
     assert checked[:5] == [16, 32, 48, 64, 70] and len(checked) >= 8
 
 
@@ -109,7 +64,7 @@ def test_compressed_while_prefilling_equals_the_dense_reference(small, variant):
 def test_one_cut_after_the_prompt_equals_the_dense_reference(small, variant):
     policy, extra = VARIANTS[variant]
     llm = _llm(small, 128)
-    checked = _compare_with_reference(llm, _prompt(90, seed=3), _params(policy, extra), 128)
+    checked, _ = compare_cuts(llm, _prompt(90, seed=3), _params(policy, extra), 128)
     assert checked[0] == 90
 
 
@@ -118,8 +73,8 @@ def test_snapkv_ranks_by_the_window_not_by_every_query(small):
     than h2o, and the prompt's early queries add nothing to any score."""
     llm = _llm(small, 128)
     prompt = _prompt(90, seed=3)
-    _, snap = _record(llm, prompt, _params("snapkv", {"snapkv_kernel": 1}, kv_ratio=1.0))
-    _, h2o = _record(llm, prompt, _params("h2o", {}, kv_ratio=1.0))
+    _, snap = record_held(llm, prompt, _params("snapkv", {"snapkv_kernel": 1}, kv_ratio=1.0))
+    _, h2o = record_held(llm, prompt, _params("h2o", {}, kv_ratio=1.0))
     # Nothing evicted at the prompt's end (budget = prompt): every key held.
     scores, positions = snap[90]
     assert positions.shape[-1] == 90
@@ -134,8 +89,8 @@ def test_a_window_over_several_chunks_scores_as_one_chunk(small):
     of 16 (the window of 24 spans two) its scores equal one chunk's."""
     prompt = _prompt(40, seed=5)
     params = _params("snapkv", {"score_window": 24}, kv_ratio=1.0)
-    _, chunked = _record(_llm(small, CHUNK), prompt, params)
-    _, whole = _record(_llm(small, 64), prompt, params)
+    _, chunked = record_held(_llm(small, CHUNK), prompt, params)
+    _, whole = record_held(_llm(small, 64), prompt, params)
     assert chunked[40][1].shape[-1] == 40
     torch.testing.assert_close(chunked[40][1], whole[40][1], rtol=0, atol=0)
     torch.testing.assert_close(chunked[40][0], whole[40][0], rtol=1e-5, atol=1e-6)
