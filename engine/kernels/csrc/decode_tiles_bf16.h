@@ -142,7 +142,8 @@ void accumulate_rows(const uint32_t* p, int64_t pairs, const float* rescale, con
     for (int r = 0; r < R; ++r) pp[r] = (__m512bh)_mm512_set1_epi32(p[r * pairs + i]);
     for (int64_t c = 0; c < C; ++c) {
       const __m512i a = _mm512_loadu_si512(even + 32 * c);
-      const __m512i b = has_odd ? _mm512_loadu_si512(even + stride + 32 * c) : _mm512_setzero_si512();
+      const __m512i b =
+          has_odd ? _mm512_loadu_si512(even + stride + 32 * c) : _mm512_setzero_si512();
       const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(a, b);
       const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(a, b);
       for (int r = 0; r < R; ++r) {

@@ -203,6 +203,16 @@ struct Scratch {
   const void* next_k = nullptr;
   const void* next_v = nullptr;
   int64_t next_elems = 0;
+
+  // A work item's start: the running softmax state of `rows` query rows of
+  // `dim` values, and room for a block's scores of one KV head's G rows.
+  void start_item(int64_t G, int64_t block_size, int64_t rows, int64_t dim) {
+    scores.resize(G * block_size);
+    rescale.resize(G);
+    max.assign(rows, -std::numeric_limits<float>::infinity());
+    sum.assign(rows, 0.f);
+    acc.assign(rows * dim, 0.f);
+  }
 };
 
 // The query rows as float: float32 ones in place, bf16 ones widened into
@@ -255,11 +265,7 @@ void attend_heads(const T* q_rows, const T* k_cache, const T* v_cache, const int
   const int64_t G = s.group, dim = D > 0 ? D : s.head_dim, bs = s.block_size;
   const float* q = float_rows(q_rows, s.num_kv_heads * G * dim, w.q);
   const int64_t stride = s.num_kv_heads * dim, rows = (h1 - h0) * G;
-  w.scores.resize(G * bs);
-  w.rescale.resize(G);
-  w.max.assign(rows, -std::numeric_limits<float>::infinity());
-  w.sum.assign(rows, 0.f);
-  w.acc.assign(rows * dim, 0.f);
+  w.start_item(G, bs, rows, dim);
   const int64_t block_elems = bs * stride;
   for (int64_t start = 0, j = 0; start < n; start += bs, ++j) {
     const int64_t count = std::min(bs, n - start);
@@ -309,20 +315,18 @@ void attend_heads_dpbf16(const bf16* q, const bf16* k_cache, const bf16* v_cache
   namespace dot = keyserve::decode::dot;
   const int64_t G = s.group, bs = s.block_size;
   const int64_t stride = s.num_kv_heads * D, rows = (h1 - h0) * G;
-  w.scores.resize(G * bs);
+  w.start_item(G, bs, rows, D);
   w.pairs.resize(G * ((bs + 1) / 2));
-  w.rescale.resize(G);
-  w.max.assign(rows, -std::numeric_limits<float>::infinity());
-  w.sum.assign(rows, 0.f);
-  w.acc.assign(rows * D, 0.f);
   const int64_t block_elems = bs * stride;
   for (int64_t start = 0, j = 0; start < n; start += bs, ++j) {
     const int64_t count = std::min(bs, n - start), pairs = (count + 1) / 2;
     const bf16* kb = k_cache + blocks[j] * block_elems;
     const bf16* vb = v_cache + blocks[j] * block_elems;
     const bool last = start + bs >= n;
-    const bf16* next_k = last ? static_cast<const bf16*>(w.next_k) : k_cache + blocks[j + 1] * block_elems;
-    const bf16* next_v = last ? static_cast<const bf16*>(w.next_v) : v_cache + blocks[j + 1] * block_elems;
+    const bf16* next_k =
+        last ? static_cast<const bf16*>(w.next_k) : k_cache + blocks[j + 1] * block_elems;
+    const bf16* next_v =
+        last ? static_cast<const bf16*>(w.next_v) : v_cache + blocks[j + 1] * block_elems;
     const int64_t next_elems = last ? w.next_elems : std::min(bs, n - start - bs) * stride;
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t r = (h - h0) * G;
