@@ -19,9 +19,18 @@ from engine import LLM, SamplingParams
 from engine.attention.backends import BACKEND_ENV
 from engine.kernels import cpu as cpu_kernels
 
-# Decode shapes: the vector code (head size 64 or 128, groups up to 8) and
+# Decode shapes: the vector code (head size 64 or 128, groups up to 8; with
+# 128-token blocks, several trees of 16 keys a block and a partial one) and
 # the scalar code (other head sizes, or 16 query heads per KV head).
-SHAPES = [(9, 3, 64, 16), (8, 2, 128, 8), (4, 4, 32, 4), (6, 1, 48, 16), (16, 1, 64, 16)]
+SHAPES = [
+    (9, 3, 64, 16),
+    (9, 3, 64, 128),
+    (8, 2, 128, 8),
+    (6, 2, 128, 32),
+    (4, 4, 32, 4),
+    (6, 1, 48, 16),
+    (16, 1, 64, 16),
+]
 
 
 @pytest.fixture(scope="module")

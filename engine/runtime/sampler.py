@@ -34,24 +34,58 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         # Log-probabilities of the model's own distribution, before penalties
         # and temperature (vLLM's default, "raw" logprobs).
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = logits.clone()
+    adjusted = [i for i, row in enumerate(rows) if _adjusts(row)]
+    if adjusted:
+        logits = logits.clone()  # the caller's logits stay the model's own
+    for i in adjusted:
+        _adjust_row(logits[i], rows[i])
+    token_ids = _greedy_tokens(logits, rows)
     for i, row in enumerate(rows):
-        # The bias before the penalties, in vLLM's order; the logprobs above
-        # are the model's own, before either.
-        _apply_logit_bias(logits[i], row.params.logit_bias)
-        _apply_penalties(logits[i], row)
-        if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
-            # NOTE: stop_token_ids are not checked against the vocabulary; an id
-            # past it can never be sampled, and indexing with it would raise and
-            # fail the whole batch, so mask only the ids that exist.
-            stop_ids = [t for t in row.stop_token_ids if t < logits.shape[-1]]
-            if stop_ids:
-                logits[i, stop_ids] = float("-inf")
-    token_ids = [_sample_row(logits[i], row) for i, row in enumerate(rows)]
+        if token_ids[i] is None:
+            token_ids[i] = _sample_row(logits[i], row)
     return [
         _with_logprobs(t, row, raw_logprobs, i)
         for i, (t, row) in enumerate(zip(token_ids, rows, strict=True))
     ]
+
+
+def _adjusts(row: SamplingRow) -> bool:
+    """Whether the row's logits change before sampling (bias, penalties, or
+    stop tokens masked until min_tokens are out)."""
+    p = row.params
+    return bool(
+        p.logit_bias
+        or p.repetition_penalty != 1.0
+        or ((p.presence_penalty or p.frequency_penalty) and row.output_token_ids)
+        or (len(row.output_token_ids) < p.min_tokens and row.stop_token_ids)
+    )
+
+
+def _adjust_row(logits: torch.Tensor, row: SamplingRow) -> None:
+    # The bias before the penalties, in vLLM's order; the logprobs are the
+    # model's own, before either.
+    _apply_logit_bias(logits, row.params.logit_bias)
+    _apply_penalties(logits, row)
+    if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
+        # NOTE: stop_token_ids are not checked against the vocabulary; an id
+        # past it can never be sampled, and indexing with it would raise and
+        # fail the whole batch, so mask only the ids that exist.
+        stop_ids = [t for t in row.stop_token_ids if t < logits.shape[-1]]
+        if stop_ids:
+            logits[stop_ids] = float("-inf")
+
+
+def _greedy_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int | None]:
+    """The greedy rows' tokens from one argmax over them (a call per row
+    cost more than the argmax itself at 64 rows); None for the others."""
+    tokens: list[int | None] = [None] * len(rows)
+    greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+    if not greedy:
+        return tokens
+    picked = logits if len(greedy) == len(rows) else logits[greedy]
+    for i, token in zip(greedy, picked.argmax(dim=-1).tolist(), strict=True):
+        tokens[i] = token
+    return tokens
 
 
 def _apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> None:
@@ -84,8 +118,6 @@ def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
 
 def _sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
     p = row.params
-    if p.greedy:
-        return int(logits.argmax())
     logits = logits / p.temperature
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]

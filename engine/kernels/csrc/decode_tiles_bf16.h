@@ -68,35 +68,63 @@ struct Prefetch {
   int64_t bytes;
 };
 
+// The dot products of one query row (C chunks of 32 values) with `n` (at
+// most 16) key rows k + i * stride, as 16 lanes (zero past n). With n = 16,
+// the common case, the loop unrolls whole and the partial sums stay in
+// registers.
+template <int64_t C>
+inline __m512 tree_of_keys(const __m512bh* qv, const bf16* k, int64_t stride, int64_t n) {
+  __m512 partial[kKeysPerTree];
+  if (n == kKeysPerTree) {
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kKeysPerTree; ++i) {
+      const bf16* row = k + i * stride;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; ++c)
+        acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(row + 32 * c));
+      partial[i] = acc;
+    }
+  } else {
+    for (int64_t i = 0; i < kKeysPerTree; ++i) {
+      partial[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; i < n && c < C; ++c)
+        partial[i] = _mm512_dpbf16_ps(
+            partial[i], qv[c], (__m512bh)_mm512_loadu_si512(k + i * stride + 32 * c));
+    }
+  }
+  return sum_lanes16(partial);
+}
+
+// Asks for the next `lines` lines from `from + cursor` on, up to `bytes`.
+inline void prefetch_lines(const char* from, int64_t bytes, int64_t& cursor, int64_t lines) {
+  for (int64_t l = 0; l < lines && cursor < bytes; ++l, cursor += 64)
+    __builtin_prefetch(from + cursor, 0, 1);
+}
+
+// Lines per step for `bytes` spread evenly over `steps` steps.
+inline int64_t lines_per_step(int64_t bytes, int64_t steps) {
+  return steps > 0 ? (bytes / 64 + steps - 1) / steps : 0;
+}
+
 template <int64_t D>
 void key_scores(const bf16* q, const bf16* k, int64_t stride, int64_t count, int64_t G,
                 float scale, float* scores, Prefetch ahead) {
   constexpr int64_t C = D / 32;
   const __m512 s = _mm512_set1_ps(scale);
+  // The prefetches, an even share per 16 keys and query row, ending by the
+  // last tree of keys.
+  const int64_t trees = (count + kKeysPerTree - 1) / kKeysPerTree;
+  const int64_t quota = lines_per_step(ahead.bytes, trees * G);
   int64_t cursor = 0;
   for (int64_t i0 = 0; i0 < count; i0 += kKeysPerTree) {
     const int64_t n = std::min(kKeysPerTree, count - i0);
     const __mmask16 keep = n == kKeysPerTree ? 0xffff : (1u << n) - 1;
     for (int64_t g = 0; g < G; ++g) {
+      prefetch_lines(ahead.k, ahead.bytes, cursor, quota);
       __m512bh qv[C];
       for (int64_t c = 0; c < C; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c);
-      __m512 partial[kKeysPerTree];
-      for (int64_t i = 0; i < kKeysPerTree; ++i) {
-        partial[i] = _mm512_setzero_ps();
-        if (i >= n) continue;
-        if (cursor < ahead.bytes) {
-          __builtin_prefetch(ahead.k + cursor, 0, 1);
-          __builtin_prefetch(ahead.v + cursor, 0, 1);
-          cursor += 64;
-        }
-        const bf16* row = k + (i0 + i) * stride;
-        for (int64_t c = 0; c < C; ++c) {
-          const __m512bh kv = (__m512bh)_mm512_loadu_si512(row + 32 * c);
-          partial[i] = _mm512_dpbf16_ps(partial[i], qv[c], kv);
-        }
-      }
-      _mm512_mask_storeu_ps(scores + g * count + i0, keep,
-                            _mm512_mul_ps(sum_lanes16(partial), s));
+      const __m512 sums = tree_of_keys<C>(qv, k + i0 * stride, stride, n);
+      _mm512_mask_storeu_ps(scores + g * count + i0, keep, _mm512_mul_ps(sums, s));
     }
   }
 }
@@ -126,7 +154,7 @@ inline void pair_probabilities(const float* p, int64_t count, int64_t G, int64_t
 // rows `pairs` words apart; acc in the interleaved order (see the top).
 template <int64_t D, int R>
 void accumulate_rows(const uint32_t* p, int64_t pairs, const float* rescale, const bf16* v,
-                     int64_t stride, int64_t count, float* acc) {
+                     int64_t stride, int64_t count, float* acc, Prefetch ahead) {
   constexpr int64_t C = D / 32;
   __m512 lo[R][C], hi[R][C];
   for (int r = 0; r < R; ++r)
@@ -135,7 +163,10 @@ void accumulate_rows(const uint32_t* p, int64_t pairs, const float* rescale, con
       lo[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 32 * c), f);
       hi[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 32 * c + 16), f);
     }
+  const int64_t quota = lines_per_step(ahead.bytes, pairs);
+  int64_t cursor = 0;
   for (int64_t i = 0; i < pairs; ++i) {
+    prefetch_lines(ahead.v, ahead.bytes, cursor, quota);
     const bf16* even = v + 2 * i * stride;
     const bool has_odd = 2 * i + 1 < count;  // past the last key: zeros, never memory
     __m512bh pp[R];
@@ -166,13 +197,17 @@ constexpr int kValueRows = D == 64 ? 4 : 2;
 
 template <int64_t D>
 void accumulate_values(const uint32_t* p, int64_t pairs, const float* rescale, const bf16* v,
-                       int64_t stride, int64_t count, int64_t G, float* acc) {
+                       int64_t stride, int64_t count, int64_t G, float* acc, Prefetch ahead) {
   constexpr int R = kValueRows<D>;
+  if (G == 3 && R >= 3)  // SmolLM2-135M's group: V read once for all three rows
+    return accumulate_rows<D, 3>(p, pairs, rescale, v, stride, count, acc, ahead);
   int64_t g = 0;
-  for (; g + R <= G; g += R)
-    accumulate_rows<D, R>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D);
-  for (; g < G; ++g)
-    accumulate_rows<D, 1>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D);
+  for (; g + R <= G; g += R, ahead.bytes = 0)  // the first pass over V asks for the next
+    accumulate_rows<D, R>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D,
+                          ahead);
+  for (; g < G; ++g, ahead.bytes = 0)
+    accumulate_rows<D, 1>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D,
+                          ahead);
 }
 
 // Where dimension d of a row sits in the interleaved accumulators: within

@@ -331,8 +331,8 @@ void attend_heads_dpbf16(const bf16* q, const bf16* k_cache, const bf16* v_cache
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t r = (h - h0) * G;
       float* sc = w.scores.data();
-      dot::key_scores<D>(q + h * G * D, kb + h * D, stride, count, G, scale, sc,
-                         head_share(next_k, next_v, next_elems, h - h0, h1 - h0));
+      const auto ahead = head_share(next_k, next_v, next_elems, h - h0, h1 - h0);
+      dot::key_scores<D>(q + h * G * D, kb + h * D, stride, count, G, scale, sc, ahead);
       if (logits != nullptr) {
         for (int64_t g = 0; g < G; ++g)
           std::copy(sc + g * count, sc + (g + 1) * count,
@@ -341,7 +341,7 @@ void attend_heads_dpbf16(const bf16* q, const bf16* k_cache, const bf16* v_cache
       online_softmax(sc, count, G, w.max.data() + r, w.sum.data() + r, w.rescale.data());
       dot::pair_probabilities(sc, count, G, pairs, w.pairs.data());
       dot::accumulate_values<D>(w.pairs.data(), pairs, w.rescale.data(), vb + h * D, stride,
-                                count, G, w.acc.data() + r * D);
+                                count, G, w.acc.data() + r * D, ahead);
     }
   }
   for (int64_t row = 0; row < rows; ++row) {
