@@ -69,7 +69,7 @@ def main() -> None:
     caches = make_caches(args, max(pool, 2048 * 16))
     size = torch.finfo(caches[0].dtype).bits // 8
     for i, (batch, keys) in enumerate(shapes):
-        logits = i == 0 and args.shapes == list(DEFAULT_SHAPES)
+        logits = i == 0 and args.shapes == DEFAULT_SHAPES
         ms = step_ms(kernel, caches, batch, keys, logits, args.block_size)
         gbs = LAYERS * batch * keys * HKV * D * size * 2 / ms / 1e6
         print(f"{batch} x {keys} keys, logits={logits}: {ms:.1f} ms/step, {gbs:.1f} GB/s")

@@ -19,7 +19,8 @@ from engine import LLM, SamplingParams
 from engine.attention.backends import BACKEND_ENV
 from engine.kernels import cpu as cpu_kernels
 
-# Decode shapes: the vector code (head size 64 or 128, groups up to 8; with
+# Decode shapes: the vector code (head size 64 or 128, groups up to 8, a
+# group of 7 as a pass of 4 rows and one of 3; with
 # 128-token blocks, several trees of 16 keys a block and a partial one) and
 # the scalar code (other head sizes, or 16 query heads per KV head).
 SHAPES = [
@@ -27,6 +28,7 @@ SHAPES = [
     (9, 3, 64, 128),
     (8, 2, 128, 8),
     (6, 2, 128, 32),
+    (14, 2, 64, 32),
     (4, 4, 32, 4),
     (6, 1, 48, 16),
     (16, 1, 64, 16),

@@ -57,8 +57,13 @@ def _adjusts(row: SamplingRow) -> bool:
         p.logit_bias
         or p.repetition_penalty != 1.0
         or ((p.presence_penalty or p.frequency_penalty) and row.output_token_ids)
-        or (len(row.output_token_ids) < p.min_tokens and row.stop_token_ids)
+        or _masks_stop_ids(row)
     )
+
+
+def _masks_stop_ids(row: SamplingRow) -> bool:
+    """Stop tokens are masked until min_tokens are out."""
+    return bool(len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids)
 
 
 def _adjust_row(logits: torch.Tensor, row: SamplingRow) -> None:
@@ -66,7 +71,7 @@ def _adjust_row(logits: torch.Tensor, row: SamplingRow) -> None:
     # model's own, before either.
     _apply_logit_bias(logits, row.params.logit_bias)
     _apply_penalties(logits, row)
-    if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
+    if _masks_stop_ids(row):
         # NOTE: stop_token_ids are not checked against the vocabulary; an id
         # past it can never be sampled, and indexing with it would raise and
         # fail the whole batch, so mask only the ids that exist.

@@ -16,8 +16,8 @@
 //   probabilities are rounded to bf16 for it, as the prompt kernels and
 //   flash-attention do (the normalizer stays the float32 sum of the
 //   unrounded ones). The interleave leaves the dimensions of each 32-value
-//   chunk in an order of its own in the accumulators; natural_order undoes
-//   it once per head at the end.
+//   chunk in an order of its own in the accumulators; interleaved_slot
+//   maps them back once per head at the end.
 #pragma once
 
 #if defined(__AVX512BF16__)
@@ -53,15 +53,14 @@ inline __m512 sum_lanes16(__m512 v[16]) {
                        _mm512_shuffle_f32x4(octs[0], octs[1], 0xdd));
 }
 
-// scores[g * count + i] = scale * q[g] . k_i for G query rows q [G, D]
-// against `count` key rows k + i * stride.
-// Memory to ask for while a block is computed: one line of K and one of V
-// per key and query head, from k and v on, until `bytes` of each. Spread
-// over the block's work rather than asked for at once: a burst of a whole
-// block's lines fills the core's miss buffers and stalls the arithmetic
-// until they drain, so that reading and computing took turns (measured on
-// the 2-core EPYC: 16 sequences x 576 keys x 30 layers, one thread, 28 ->
-// 22 ms a step).
+// Memory to ask for while a block is computed: `bytes` of K from k on
+// (during the q.k pass) and as many of V from v on (during the P V pass),
+// each spread evenly over its pass rather than asked for at once: a burst of
+// a whole block's lines fills the core's miss buffers and stalls the
+// arithmetic until they drain, so that reading and computing took turns
+// (measured on the 2-core EPYC: 16 sequences x 576 keys x 30 layers, one
+// thread, 28 -> 22 ms a step; spreading K and V over their own passes took
+// 64 sequences on 2 threads from 43 to 34.5 ms).
 struct Prefetch {
   const char* k;
   const char* v;
@@ -106,6 +105,8 @@ inline int64_t lines_per_step(int64_t bytes, int64_t steps) {
   return steps > 0 ? (bytes / 64 + steps - 1) / steps : 0;
 }
 
+// scores[g * count + i] = scale * q[g] . k_i for G query rows q [G, D]
+// against `count` key rows k + i * stride.
 template <int64_t D>
 void key_scores(const bf16* q, const bf16* k, int64_t stride, int64_t count, int64_t G,
                 float scale, float* scores, Prefetch ahead) {
@@ -195,19 +196,27 @@ void accumulate_rows(const uint32_t* p, int64_t pairs, const float* rescale, con
 template <int64_t D>
 constexpr int kValueRows = D == 64 ? 4 : 2;
 
+// The last `rest` rows (fewer than M + 1) in one pass where M allows: a
+// group of 3 (SmolLM2-135M) reads V once, not three times.
+template <int64_t D, int M>
+void accumulate_rest(const uint32_t* p, int64_t pairs, const float* rescale, const bf16* v,
+                     int64_t stride, int64_t count, int64_t rest, float* acc, Prefetch ahead) {
+  if constexpr (M > 0) {
+    if (rest == M) return accumulate_rows<D, M>(p, pairs, rescale, v, stride, count, acc, ahead);
+    accumulate_rest<D, M - 1>(p, pairs, rescale, v, stride, count, rest, acc, ahead);
+  }
+}
+
 template <int64_t D>
 void accumulate_values(const uint32_t* p, int64_t pairs, const float* rescale, const bf16* v,
                        int64_t stride, int64_t count, int64_t G, float* acc, Prefetch ahead) {
   constexpr int R = kValueRows<D>;
-  if (G == 3 && R >= 3)  // SmolLM2-135M's group: V read once for all three rows
-    return accumulate_rows<D, 3>(p, pairs, rescale, v, stride, count, acc, ahead);
   int64_t g = 0;
   for (; g + R <= G; g += R, ahead.bytes = 0)  // the first pass over V asks for the next
     accumulate_rows<D, R>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D,
                           ahead);
-  for (; g < G; ++g, ahead.bytes = 0)
-    accumulate_rows<D, 1>(p + g * pairs, pairs, rescale + g, v, stride, count, acc + g * D,
-                          ahead);
+  accumulate_rest<D, R - 1>(p + g * pairs, pairs, rescale + g, v, stride, count, G - g,
+                            acc + g * D, ahead);
 }
 
 // Where dimension d of a row sits in the interleaved accumulators: within

@@ -295,7 +295,7 @@ void attend_heads(const T* q_rows, const T* k_cache, const T* v_cache, const int
 #if defined(__AVX512BF16__)
 // The stretch of memory attend_heads_dpbf16 asks for while it computes a
 // block: the sequence's next block, or after its last one the first block
-// of the thread's next work item (Scratch::next_item), so that no block but
+// of the thread's next work item (Scratch::next_k, next_v), so that no block but
 // a thread's very first is read cold. Each KV head's pass takes its share.
 keyserve::decode::dot::Prefetch head_share(const bf16* k, const bf16* v, int64_t elements,
                                            int64_t h, int64_t heads) {
