@@ -77,6 +77,31 @@ def test_kernel_equals_torch(num_heads, num_kv_heads, head_dim, block_size):
         torch.testing.assert_close(one, ref_out[b : b + 1], rtol=1e-5, atol=1e-5)
 
 
+def test_query_rows_sliced_from_a_fused_projection():
+    """q as the model hands it over: a [B, Hq, D] view of the fused QKV
+    projection's rows (each token's heads together, tokens further apart).
+    The kernel reads it in place and answers as for a contiguous copy; a
+    layout it cannot read is refused, not misread."""
+    Hq, Hkv, D, bs = 9, 3, 64, 16
+    g = torch.Generator().manual_seed(11)
+    k_cache = torch.randn(12, bs, Hkv, D, generator=g)
+    v_cache = torch.randn(12, bs, Hkv, D, generator=g)
+    tables = torch.tensor([[3, 7, 0], [5, 1, 9]])
+    num_keys = torch.tensor([40, 19])
+    fused = torch.randn(2, (Hq + 2 * Hkv) * D, generator=g)
+    q = fused[:, : Hq * D].view(2, Hq, D)
+    assert not q.is_contiguous()
+    out, copied = torch.empty(2, Hq, D), torch.empty(2, Hq, D)
+    kernel(out, q, k_cache, v_cache, tables, num_keys, D**-0.5, torch.empty(0))
+    kernel(copied, q.contiguous(), k_cache, v_cache, tables, num_keys, D**-0.5, torch.empty(0))
+    assert torch.equal(out, copied)
+    ref_out, _, _ = _reference(q.contiguous(), k_cache, v_cache, tables, num_keys, D**-0.5)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    heads_apart = torch.randn(2, D, Hq, generator=g).transpose(1, 2)  # stride(1) != D
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(out, heads_apart, k_cache, v_cache, tables, num_keys, D**-0.5, torch.empty(0))
+
+
 def test_logit_gaps_beyond_float32_exp_range():
     """A key whose logit is 100-300 above the others (exp of the gap is below
     float32's range): the decode kernel's running softmax, which meets the big

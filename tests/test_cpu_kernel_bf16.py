@@ -110,6 +110,12 @@ def check_decode(ops, num_heads, num_kv_heads, head_dim, block_size):
         ops.paged_decode_attention(one, q[b : b + 1], k_cache, v_cache, tables[b : b + 1],
                                    num_keys[b : b + 1], scale, torch.empty(0))  # fmt: skip
         assert torch.equal(one, out[b : b + 1])
+    # q read in place from a wider row, as a slice of the fused QKV projection.
+    wide = torch.cat([q.flatten(1), torch.zeros(q.shape[0], 2 * head_dim, dtype=q.dtype)], 1)
+    sliced = wide[:, : num_heads * head_dim].view_as(q)
+    ops.paged_decode_attention(again, sliced, k_cache, v_cache, tables, num_keys, scale,
+                               torch.empty(0))  # fmt: skip
+    assert torch.equal(again, out)
 
 
 def check_write(ops):

@@ -31,6 +31,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp",
     Path(__file__).parent / "csrc" / "prefill_scored_cpu.cpp",
     Path(__file__).parent / "csrc" / "decode_scores_cpu.cpp",
+    Path(__file__).parent / "csrc" / "sampling_cpu.cpp",
 ]
 # Part of the cache key.
 HEADERS = [
@@ -116,6 +117,11 @@ def prefill_attention_scored() -> Callable[..., None] | None:
 def write_kv() -> Callable[..., None] | None:
     """torch.ops.keyserve.write_kv, or None where it cannot be built."""
     return torch.ops.keyserve.write_kv if _library() else None
+
+
+def greedy_tokens() -> Callable[..., torch.Tensor] | None:
+    """torch.ops.keyserve.greedy_tokens, or None where it cannot be built."""
+    return torch.ops.keyserve.greedy_tokens if _library() else None
 
 
 def clear_cache() -> None:

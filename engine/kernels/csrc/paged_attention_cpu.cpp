@@ -379,8 +379,16 @@ void check_inputs(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   for (const auto* t : {&out, &q, &k_cache, &v_cache}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype,
                 "out, q, k_cache and v_cache: CPU tensors of one dtype (float32 or bfloat16)");
-    TORCH_CHECK(t->is_contiguous(), "contiguous tensors only");
   }
+  for (const auto* t : {&out, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->is_contiguous(), "out, k_cache and v_cache must be contiguous");
+  }
+  // q may be a slice of a fused QKV projection's rows: each token's heads
+  // contiguous, the tokens any distance apart (a copy of it cost more than
+  // 2% of a 64-sequence decode step).
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  (q.size(0) == 1 || q.stride(0) >= q.size(1) * q.size(2)),
+              "q [B, Hq, D]: each token's Hq * D values contiguous");
   TORCH_CHECK(logits_out.numel() == 0 ||
                   (logits_out.scalar_type() == at::kFloat && logits_out.is_contiguous()),
               "logits_out must be contiguous float32");
@@ -396,7 +404,7 @@ template <typename T>
 void attend_batch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                   const at::Tensor& num_keys, float scale, float* lp, const Shapes& s) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), q_stride = q.stride(0);
   const T* qp = elements<T>(q);
   const T* kp = elements<T>(k_cache);
   const T* vp = elements<T>(v_cache);
@@ -421,7 +429,7 @@ void attend_batch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cach
       w.next_k = more ? kp + first * block_elems : nullptr;
       w.next_v = more ? vp + first * block_elems : nullptr;
       w.next_elems = more ? std::min(s.block_size, lens[next_b]) * s.num_kv_heads * D : 0;
-      attend(qp + b * Hq * D, kp, vp, tables + b * s.max_blocks, n, s, h0, h0 + heads_per_item,
+      attend(qp + b * q_stride, kp, vp, tables + b * s.max_blocks, n, s, h0, h0 + heads_per_item,
              scale, lp != nullptr ? lp + b * Hq * s.logits_width : nullptr, op + b * Hq * D, w);
     }
   });
