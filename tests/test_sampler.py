@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
+from engine.runtime import sampler
 from engine.runtime.sampler import SamplingRow, _apply_penalties, sample
 from engine.runtime.sampling_params import SamplingParams
 
@@ -337,3 +338,71 @@ def test_logprobs_zero_returns_only_the_sampled_token():
     assert t.token_id == 1
     assert list(t.top_logprobs) == [1]
     assert t.top_logprobs[1].rank == 1
+
+
+# -- the batched draw --------------------------------------------------------
+
+
+def _top_p_reference(probs: torch.Tensor, top_p: float) -> set[int]:
+    values, order = probs.sort(descending=True)
+    return set(order[~(values.cumsum(0) - values >= top_p)].tolist())
+
+
+@pytest.mark.parametrize(
+    "spread, top_p, tier", [(8.0, 0.9, 0), (0.1, 0.3, 1), (0.1, 0.9, 2), (3.0, 0.999, 2)]
+)
+def test_top_p_keeps_the_set_a_full_sort_keeps(spread, top_p, tier, monkeypatch):
+    """A peaked row (the first candidates hold top_p), a flatter one (the
+    second tier does) and flat ones (neither: the full sort), on a
+    vocabulary past every candidate count."""
+    vocab = 2 * sampler._TOP_P_CANDIDATES[-1]
+    calls = []
+    for name in ("topk", "sort"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda *a, r=real, n=name, **k: calls.append(n) or r(*a, **k)
+        )
+    g = torch.Generator().manual_seed(int(spread * 10))
+    probs = torch.softmax(torch.randn(vocab, generator=g) * spread, dim=-1)
+    kept = probs.clone()
+    sampler._keep_top_p(kept, top_p)
+    assert calls == ["topk", "topk", "sort"][: tier + 1]
+    monkeypatch.undo()
+    expected = _top_p_reference(probs, top_p)
+    assert set(kept.nonzero().flatten().tolist()) == expected
+    index = sorted(expected)
+    assert torch.equal(kept[index], probs[index])  # the kept keep their mass
+
+
+def test_a_uniform_at_the_top_of_its_range_draws_the_last_token_with_mass(monkeypatch):
+    """Rounding can put the target on a row's total; the draw is then the
+    last token with any mass, never one past the vocabulary or a zeroed one."""
+    probs = torch.tensor([[0.25, 0.5, 0.25, 0.0, 0.0]])
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.tensor(1.0))
+    assert sampler._inverse_cdf(probs, [make_row()]) == [2]
+
+
+def test_rows_of_a_batch_each_follow_their_own_settings():
+    """Many rows at once, each with its own temperature and filter: every
+    draw lands in its own row's kept set."""
+    logits = random_logits(6, 300, seed=9)
+    settings = [{"top_k": 3}, {"top_p": 0.2}, {"min_p": 0.5}, {"temperature": 0.3, "top_k": 5},
+                {"top_k": 2, "top_p": 0.99}, {"temperature": 2.0, "top_k": 4}]  # fmt: skip
+    rows = [make_row(seed=i, **s) for i, s in enumerate(settings)]
+    allowed = []
+    for r, s in enumerate(settings):
+        x = logits[r] / s.get("temperature", 1.0)
+        p = torch.softmax(x, -1)
+        order = p.argsort(descending=True).tolist()
+        k = s.get("top_k", len(order))
+        keep = set(order[:k])
+        if "top_p" in s:
+            keep &= _top_p_reference(torch.softmax(x.masked_fill(
+                ~torch.isin(torch.arange(300), torch.tensor(order[:k])), float("-inf")), -1),
+                s["top_p"])  # fmt: skip
+        if "min_p" in s:
+            keep = {t for t in keep if p[t] >= s["min_p"] * p.max()}
+        allowed.append(keep)
+    for _ in range(50):
+        for r, t in enumerate(sample(logits, rows)):
+            assert t.token_id in allowed[r]

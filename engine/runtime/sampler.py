@@ -41,9 +41,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
     for i in adjusted:
         _adjust_row(logits[i], rows[i])
     token_ids = _greedy_tokens(logits, rows)
-    for i, row in enumerate(rows):
-        if token_ids[i] is None:
-            token_ids[i] = _sample_row(logits[i], row)
+    drawn = [i for i, t in enumerate(token_ids) if t is None]
+    if drawn:
+        picked = _random_tokens(logits[drawn], [rows[i] for i in drawn])
+        for i, token in zip(drawn, picked, strict=True):
+            token_ids[i] = token
     return [
         _with_logprobs(t, row, raw_logprobs, i)
         for i, (t, row) in enumerate(zip(token_ids, rows, strict=True))
@@ -131,24 +133,78 @@ def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
-    p = row.params
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _random_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    """One draw per row from its tempered, truncated distribution, the rows in
+    one batch: a row at a time (softmax, an Exp(1) noise tensor from torch's
+    sequential generator, argmax) cost about 1.2 ms per row, 77 ms a step at
+    64 rows, where greedy decoding took 1. logits: [R, vocab], a copy (its
+    rows are changed in place)."""
+    temperature = torch.tensor([row.params.temperature for row in rows], dtype=logits.dtype)
+    logits.div_(temperature.to(logits.device).unsqueeze(1))
+    _keep_top_k(logits, [row.params.top_k for row in rows])
     probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always the top token).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, using only
-    # this request's generator so its samples never depend on the batch.
-    noise = torch.empty_like(probs).exponential_(generator=row.generator)
-    return int((probs / noise).argmax())
+    for r, row in enumerate(rows):
+        if row.params.top_p < 1.0:
+            _keep_top_p(probs[r], row.params.top_p)
+        if row.params.min_p > 0.0:
+            probs[r].masked_fill_(probs[r] < row.params.min_p * probs[r].max(), 0.0)
+    return _inverse_cdf(probs, rows)
+
+
+def _keep_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Mask each row's logits below its k-th largest (ties with it stay; k of
+    0 or past the vocabulary keeps all), every such row in one top-k."""
+    rows = [r for r, k in enumerate(top_k) if 0 < k < logits.shape[-1]]
+    if not rows:
+        return
+    k = torch.tensor([top_k[r] for r in rows], device=logits.device)
+    part = logits[rows]
+    kth = part.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    logits[rows] = part.masked_fill(part < kth, float("-inf"))
+
+
+def _keep_top_p(probs: torch.Tensor, top_p: float) -> None:
+    """Zero all but the smallest set of most likely tokens whose mass reaches
+    top_p (always the top token). The candidates come from a top-k of a few
+    hundred (0.1 ms), then a few thousand (0.7 ms), and a full sort (3.4 ms
+    on 49k tokens) only when those hold less than top_p."""
+    values = order = None
+    for k in _TOP_P_CANDIDATES:
+        if k >= probs.numel():
+            break
+        values, order = torch.topk(probs, k)
+        if float(values.sum()) >= top_p:
+            break
+        values = None
+    if values is None:
+        values, order = torch.sort(probs, descending=True)
+    drop = values.cumsum(0) - values >= top_p
+    keep = order[~drop]
+    kept = probs[keep]
+    probs.zero_()
+    probs[keep] = kept
+
+
+_TOP_P_CANDIDATES = (256, 4096)
+
+
+def _inverse_cdf(probs: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    """Each row's token from one uniform of its own generator against its
+    cumulative distribution, so a request's samples never depend on the batch
+    it ran in. probs: [R, vocab], unnormalized (truncation zeroes some)."""
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.stack(
+        [torch.rand((), generator=row.generator, device=probs.device) for row in rows]
+    )
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # target is below the row's total, but rounding may land it on the total:
+    # then the answer is the last token with any mass.
+    past = tokens >= probs.shape[-1]
+    if bool(past.any()):
+        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+        tokens = torch.where(past, last, tokens)
+    return tokens.tolist()
 
 
 def _with_logprobs(
