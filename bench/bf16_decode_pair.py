@@ -11,7 +11,7 @@ machine they take minutes), then the steps until each request has
 tokens they made / their seconds. The figure is the median over rounds of
 B/A decode tok/s.
 
-    python bench/results/bf16_decode/paired_bf16.py --sizes 16 --new-tokens 32 --rounds 2
+    python -m bench.bf16_decode_pair --sizes 16 --new-tokens 32 --rounds 2
 
 Also times the decode kernel alone (--kernel-only: just that), one step over
 a 30-layer cache of SmolLM2's shape, as bench/decode_attention.py does in
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from bench.provenance import describe, git_provenance, write_json
 
-HERE = Path(__file__).parent
-REPO = HERE.parents[2]
+REPO = Path(__file__).parents[1]
+RESULTS = REPO / "bench" / "results" / "bf16_decode"
 # Prints {N: [seconds, tokens] of the decode steps after the last prefill}
 # (requests prefilled early have decoded a few tokens by then, and finish
 # that much sooner: the same schedule in both arms).
@@ -191,7 +191,7 @@ def main() -> None:
     p.add_argument("--name", default="smollm2_bf16")
     args = p.parse_args()
     result = dict(git_provenance())
-    result["command"] = "python bench/results/bf16_decode/paired_bf16.py " + " ".join(sys.argv[1:])
+    result["command"] = "python -m bench.bf16_decode_pair " + " ".join(sys.argv[1:])
     result["date_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["cpu"] = next((ln.split(":", 1)[1].strip() for ln in
                           Path("/proc/cpuinfo").read_text().splitlines()
@@ -200,8 +200,8 @@ def main() -> None:
         result |= paired(args)
     result["kernel_threads"] = args.threads
     result["kernel"] = kernel_table(args.threads)
-    write_json(HERE / f"{args.name}.json", result)
-    (HERE / f"{args.name}.md").write_text(markdown(result))
+    write_json(RESULTS / f"{args.name}.json", result)
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -6,7 +6,7 @@ greedy, EOS ignored; timed: the whole llm.generate (the prompt pass is most
 of it at 16 new tokens), after a short warm-up generate. Prints one JSON
 line per run and the per-policy medians.
 
-    python bench/results/bf16_prefill/offline_bf16.py --before /work/main --after . \
+    python -m bench.checkout_pair --before /work/main --after . \
         --policies full,keyformer --rounds 2
 """
 

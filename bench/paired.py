@@ -5,7 +5,8 @@
 Each run is a fresh process started in one checkout (so it imports that
 checkout's engine) that loads the embedded SmolLM2, warms up, and times
 `LLM.generate` on N prompts of exactly --prompt-tokens tokens with
---new-tokens new ones (greedy, EOS ignored, kv_policy full). Within a round A
+--new-tokens new ones (EOS ignored, kv_policy full; greedy in float32 unless
+--dtype, --temperature or --top-p say otherwise). Within a round A
 and B run back to back; the figure is the median over rounds of the per-round
 ratio B / A of output tokens/s, which cancels drift of the shared machine
 that a ratio of per-column medians would not. Results go to
@@ -32,10 +33,11 @@ from bench.data import token_passages
 from engine import LLM, SamplingParams
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
-llm = LLM(dtype="float32", device="cpu", kv_cache_bytes="4GiB", max_num_seqs=64)
+llm = LLM(dtype=cfg["dtype"], device="cpu", kv_cache_bytes="4GiB", max_num_seqs=64)
 prompts = token_passages(llm.get_tokenizer().encode, max(cfg["sizes"]), cfg["prompt_tokens"])
 def params(n):
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, kv_policy="full")
+    return SamplingParams(temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=n,
+                          ignore_eos=True, kv_policy="full")
 llm.generate([prompts[0][:16]], params(4))  # warm-up: kernels built, pages touched
 seconds = {}
 for n in cfg["sizes"]:
@@ -89,6 +91,9 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[int, float]]])
             "new_tokens": args.new_tokens,
             "threads": args.threads,
             "rounds": args.rounds,
+            "dtype": args.dtype,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
         },
         "sizes": sizes,
     }
@@ -103,9 +108,9 @@ def markdown(result: dict) -> str:
         f"Date (UTC): {result['date_utc']}  ",
         f"A: {result['a']['commit']}; B: {result['b']['commit']}",
         "",
-        f"Embedded SmolLM2-135M-Instruct, float32, CPU, {w['threads']} threads; "
-        f"{w['prompt_tokens']}-token prompts, {w['new_tokens']} new tokens, greedy, "
-        f"kv_policy full; {w['rounds']} rounds, A then B in each.",
+        f"Embedded SmolLM2-135M-Instruct, {w.get('dtype', 'float32')}, CPU, "
+        f"{w['threads']} threads; {w['prompt_tokens']}-token prompts, {w['new_tokens']} new "
+        f"tokens, {_sampling(w)}, kv_policy full; {w['rounds']} rounds, A then B in each.",
         "",
         "| N | A tok/s per round | B tok/s per round | B/A per round | median B/A |",
         "|---:|---|---|---|---:|",
@@ -122,6 +127,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sampling(workload: dict) -> str:
+    temperature = workload.get("temperature", 0.0)
+    if not temperature:
+        return "greedy"
+    return f"sampled at temperature {temperature}, top_p {workload.get('top_p', 1.0)}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", type=Path, required=True, help="the baseline checkout")
@@ -131,6 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--name", default="paired")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -146,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
+        "dtype": args.dtype,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
     }
     runs: dict[str, list[dict[int, float]]] = {"a": [], "b": []}
     for r in range(args.rounds):

@@ -12,7 +12,7 @@ query / 3 KV heads, D = 64), through the CPU backend's prompt paths, ms:
 Plain, and scored as keyformer (Gumbel noise, tau rising over the chunk).
 The variants are timed in turn, --repeat times; min and median, ms.
 
-    PYTHONPATH=. python bench/results/bf16_prefill/prompt_kernels.py --threads 2
+    python -m bench.prompt_kernels --threads 2
 """
 
 import argparse

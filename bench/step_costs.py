@@ -6,8 +6,10 @@ For each policy: the seconds of one prompt pass (median over prompts), and
 the median decode step once the pool is full (as many sequences as fit:
 full keeps 2,304 slots each, an evicting policy at kv_ratio r about r of
 them). From the two it models the pool8 run (every request: one prompt
-pass; then the decode steps of ceil(requests / running) waves) and prints
-the tok/s that model gives, next to the decode-only tok/s.
+pass; then every output token at the full pool's decode rate) and prints
+the tok/s that model gives, next to the decode-only tok/s, and the ceiling
+of each policy's ratio to full: the ratio if its decode steps cost nothing,
+full's modeled run over this policy's prompt passes alone.
 
     python -m bench.step_costs --threads 2
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.data import token_passages
+from bench.provenance import cpu_description, describe, git_provenance
 from engine import LLM, SamplingParams
 
 
@@ -111,25 +114,34 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
         + (f"--threads {args.threads} " if args.threads else "")
         + f"--dtype {args.dtype}`",
         "",
+        f"Commit {describe(git_provenance())}; CPU: {_cpu()}.",
+        "",
         f"{args.dtype}; {args.prompt_tokens}-token prompts, "
         f"a pool of {args.kv_cache_blocks} blocks; "
         f"evicting policies at kv_ratio {args.kv_ratio}. Modeled run: {args.requests} "
         f"requests x {args.output_tokens} output tokens = every prompt pass, plus every "
-        "output token at the decode tok/s of a full pool.",
+        "output token at the decode tok/s of a full pool. Ceiling ratio: full's modeled "
+        "run over this policy's prompt passes alone, the ratio if its decode cost nothing.",
         "",
         "| policy | prompt pass (s) | running | decode step (ms) | decode tok/s "
-        "| modeled run (s) | modeled tok/s | modeled ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| modeled run (s) | modeled tok/s | modeled ratio | ceiling ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for policy, prefill, running, step, rate, modeled in rows:
         tps = args.requests * args.output_tokens / modeled
+        ceiling = base / (args.requests * prefill)
         lines.append(
             f"| {policy} | {prefill:.2f} | {running} | {step * 1e3:.1f} | {rate:.1f} "
-            f"| {modeled:.0f} | {tps:.1f} | {base / modeled:.2f} |"
+            f"| {modeled:.0f} | {tps:.1f} | {base / modeled:.2f} | {ceiling:.2f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _cpu() -> str:
+    cpu = cpu_description()
+    return f"{cpu['cpu_model']}, {' '.join(cpu['cpu_isa'])}"
 
 
 if __name__ == "__main__":

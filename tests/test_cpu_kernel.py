@@ -285,15 +285,18 @@ def test_scores_with_probabilities_written_in_place(with_exp_table):
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_lowest_priority_slot_selection_equals_torch():
+@pytest.mark.parametrize("H", [2, 3, 5])  # head counts built in, and one at run time
+def test_lowest_priority_slot_selection_equals_torch(H):
     """The C++ victim choice against the rule in torch: lowest score outside
     the recent window, the oldest position among equal scores (many ties:
-    scores are small integers), a sequence entirely inside its window (then
-    the oldest slot), ragged counts and shuffled physical slots."""
+    scores are small integers, -0 among the zeros), a sequence entirely
+    inside its window (then the oldest slot), ragged counts and shuffled
+    physical slots."""
     select = cpu_kernels.lowest_priority_slots()
-    g = torch.Generator().manual_seed(21)
-    L, N, H, B, S = 3, 200, 2, 4, 40
+    g = torch.Generator().manual_seed(21 + H)
+    L, N, B, S = 3, 200, 4, 40
     scores = torch.randint(0, 4, (L, N, H), generator=g).float()
+    scores[(scores == 0) & (torch.rand(L, N, H, generator=g) < 0.5)] = -0.0
     positions = torch.randint(0, 1000, (L, N, H), generator=g, dtype=torch.int32)
     order = torch.randperm(N, generator=g)
     slots = order[: B * S].view(B, S).contiguous()
