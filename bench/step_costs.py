@@ -16,7 +16,9 @@ full's modeled run over this policy's prompt passes alone.
 
 import argparse
 import math
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -110,9 +112,7 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
     lines = [
         "# Step costs per KV policy",
         "",
-        "Command: `python -m bench.step_costs "
-        + (f"--threads {args.threads} " if args.threads else "")
-        + f"--dtype {args.dtype}`",
+        f"Command: `python -m bench.step_costs {shlex.join(sys.argv[1:])}`",
         "",
         f"Commit {describe(git_provenance())}; CPU: {_cpu()}.",
         "",
