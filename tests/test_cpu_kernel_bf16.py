@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bf16_backends import agreeing_steps, counted_llm
 from bf16_bounds import assert_bf16_close
 from portable_build import PORTABLE_FLAGS, compiler_defines, run_with_flags
 from tiny_models import build_tiny_model
 
-from engine import LLM, SamplingParams
-from engine.attention.backends import BACKEND_ENV
+from engine import SamplingParams
 from engine.kernels import cpu as cpu_kernels
 
 # Decode shapes: the vector code (head size 64 or 128, groups up to 8, a
@@ -188,51 +188,10 @@ def test_a_build_without_avx512_bf16_gives_the_same(ops):
 PROMPTS = [list(range(3, 40)), list(range(60, 77)), [7, 9, 11]]
 
 
-class _CountingOps:
-    """torch.ops.keyserve, counting the calls of each op."""
-
-    def __init__(self, ops, counts: dict[str, int]) -> None:
-        self._ops, self._counts = ops, counts
-
-    def __getattr__(self, name: str):
-        op = getattr(self._ops, name)
-
-        def call(*args, **kwargs):
-            self._counts[name] = self._counts.get(name, 0) + 1
-            return op(*args, **kwargs)
-
-        return call
-
-
 def _generate(folder: Path, backend: str, params: SamplingParams, monkeypatch):
     """(outputs, op calls) of PROMPTS in bfloat16 through `backend`."""
-    monkeypatch.setenv(BACKEND_ENV, backend)
-    llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16", block_size=4,
-              kv_cache_blocks=64, kv_ratio=1.0)  # fmt: skip
-    counts: dict[str, int] = {}
-    for layer in llm.engine.model.attention_layers():
-        assert layer.backend.name == backend
-        if backend == "cpu":
-            layer.backend.ops = _CountingOps(layer.backend.ops, counts)
+    llm, counts = counted_llm(folder, backend, monkeypatch, kv_cache_blocks=64, kv_ratio=1.0)
     return [o.outputs[0] for o in llm.generate(PROMPTS, params)], counts
-
-
-def _agree(got, want) -> None:
-    """Greedy tokens equal, with close log-probabilities, up to
-    the first step whose top two tokens the reference has within
-    bfloat16's rounding of each other: there a flip is rounding, not a bug,
-    and the continuations differ from then on."""
-    for step, (token, ref_token) in enumerate(zip(got.token_ids, want.token_ids, strict=True)):
-        lp, ref_lp = got.logprobs[step], want.logprobs[step]
-        top2 = sorted((v.logprob for v in ref_lp.values()), reverse=True)[:2]
-        if top2[0] - top2[1] < NEAR_TIE:
-            return
-        assert token == ref_token, f"step {step}: {token} != {ref_token}, gap {top2}"
-        assert abs(lp[token].logprob - ref_lp[token].logprob) < LOGPROB_ATOL, f"step {step}"
-
-
-# Logits of magnitude 2-8 in bfloat16 are 0.016-0.06 apart.
-NEAR_TIE, LOGPROB_ATOL = 0.1, 0.1
 
 
 @pytest.mark.parametrize("family", ["llama-head-64", "llama"])
@@ -248,7 +207,7 @@ def test_bf16_generation_matches_the_torch_backend(ops, family, policy, tmp_path
     outs, counts = _generate(folder, "cpu", params, monkeypatch)
     ref_outs, _ = _generate(folder, "torch", params, monkeypatch)
     for got, want in zip(outs, ref_outs, strict=True):
-        _agree(got, want)
+        agreeing_steps(got, want)
     # 11 decode steps of 2 layers each ran the C++ decode, every step wrote in one op.
     assert counts["paged_decode_attention"] == 2 * 11
     assert counts["write_kv"] >= 2 * 12

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bf16_backends import agreeing_steps, counted_llm
 from bf16_bounds import assert_bf16_close
 from portable_build import PORTABLE_FLAGS, compiler_defines, run_with_flags
-from test_cpu_kernel_bf16 import _CountingOps
 from tiny_models import build_tiny_model
 
 from engine import LLM, SamplingParams
-from engine.attention.backends import BACKEND_ENV
 from engine.kernels import cpu as cpu_kernels
 from kv_manager.scoring import gumbel_exp_table, gumbel_noise, gumbel_table, step_scores
 
@@ -185,17 +184,10 @@ def head64(tmp_path_factory):
     return build_tiny_model("llama-head-64", tmp_path_factory.mktemp("llama-head-64"))
 
 
-def _llm(folder: Path, backend: str, monkeypatch, **kwargs) -> tuple[LLM, dict[str, int]]:
-    """A bfloat16 LLM through `backend`, and the counts of its C++ op calls."""
-    monkeypatch.setenv(BACKEND_ENV, backend)
-    llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16", block_size=4,
-              kv_cache_blocks=128, max_num_batched_tokens=32, **kwargs)  # fmt: skip
-    counts: dict[str, int] = {}
-    for layer in llm.engine.model.attention_layers():
-        assert layer.backend.name == backend
-        if backend == "cpu":
-            layer.backend.ops = _CountingOps(layer.backend.ops, counts)
-    return llm, counts
+def _llm(folder: Path, backend: str, monkeypatch) -> tuple[LLM, dict[str, int]]:
+    """A bfloat16 LLM through `backend` with chunks of 32 tokens, and the
+    counts of its C++ op calls."""
+    return counted_llm(folder, backend, monkeypatch, kv_cache_blocks=128, max_num_batched_tokens=32)
 
 
 @pytest.mark.parametrize("policy", ["h2o", "keyformer"])
@@ -227,23 +219,6 @@ def test_bf16_prompt_scores_match_the_torch_backend(ops, head64, monkeypatch, po
 LAYER1_L2, LAYER1_ATOL = 0.015, 0.25
 
 
-def _agreeing_steps(got, want) -> int:
-    """Greedy tokens equal, with close log-probabilities, up to the first
-    step whose top two tokens the reference has within bfloat16's rounding
-    of each other (from there a flip is rounding, and the continuations
-    differ); returns how many steps were compared."""
-    for step, (token, ref_token) in enumerate(zip(got.token_ids, want.token_ids, strict=True)):
-        lp, ref_lp = got.logprobs[step], want.logprobs[step]
-        top2 = sorted((v.logprob for v in ref_lp.values()), reverse=True)[:2]
-        if top2[0] - top2[1] < NEAR_TIE:
-            return step
-        assert token == ref_token, f"step {step}: {token} != {ref_token}, gap {top2}"
-        assert abs(lp[token].logprob - ref_lp[token].logprob) < LOGPROB_ATOL, f"step {step}"
-    return len(want.token_ids)
-
-
-# Logits of magnitude 2-8 in bfloat16 are 0.016-0.06 apart.
-NEAR_TIE, LOGPROB_ATOL = 0.1, 0.1
 NEW_TOKENS = 12
 
 
@@ -278,7 +253,7 @@ def test_bf16_generation_matches_the_torch_backend(ops, head64, monkeypatch, pol
     assert diffs.abs().max() < PROMPT_LOGPROB_MAX
     assert diffs.pow(2).mean().sqrt() < PROMPT_LOGPROB_RMS
     compared = sum(
-        _agreeing_steps(got.outputs[0], want.outputs[0])
+        agreeing_steps(got.outputs[0], want.outputs[0])
         for got, want in zip(outs["cpu"], outs["torch"], strict=True)
     )
     assert compared >= len(PROMPTS)  # not only near-ties
