@@ -108,7 +108,7 @@ def markdown(result: dict) -> str:
         f"Date (UTC): {result['date_utc']}  ",
         f"A: {result['a']['commit']}; B: {result['b']['commit']}",
         "",
-        f"Embedded SmolLM2-135M-Instruct, {w.get('dtype', 'float32')}, CPU, "
+        f"Embedded SmolLM2-135M-Instruct, {w['dtype']}, CPU, "
         f"{w['threads']} threads; {w['prompt_tokens']}-token prompts, {w['new_tokens']} new "
         f"tokens, {_sampling(w)}, kv_policy full; {w['rounds']} rounds, A then B in each.",
         "",
@@ -128,10 +128,9 @@ def markdown(result: dict) -> str:
 
 
 def _sampling(workload: dict) -> str:
-    temperature = workload.get("temperature", 0.0)
-    if not temperature:
+    if not workload["temperature"]:
         return "greedy"
-    return f"sampled at temperature {temperature}, top_p {workload.get('top_p', 1.0)}"
+    return f"sampled at temperature {workload['temperature']}, top_p {workload['top_p']}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -99,3 +99,9 @@ def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
         "cpu_model": fields.get("model name"),
         "cpu_isa": [f for f in ISA_FLAGS if f in have],
     }
+
+
+def cpu_line(cpu: Mapping[str, Any]) -> str:
+    """A cpu_description (or a result holding its fields) as one line for a
+    markdown report: the model, then its ISA flags."""
+    return f"{cpu['cpu_model']}, {' '.join(cpu['cpu_isa'])}"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.data import token_passages
-from bench.provenance import cpu_description, describe, git_provenance
+from bench.provenance import cpu_description, cpu_line, describe, git_provenance
 from engine import LLM, SamplingParams
 
 
@@ -114,7 +114,7 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
         "",
         f"Command: `python -m bench.step_costs {shlex.join(sys.argv[1:])}`",
         "",
-        f"Commit {describe(git_provenance())}; CPU: {_cpu()}.",
+        f"Commit {describe(git_provenance())}; CPU: {cpu_line(cpu_description())}.",
         "",
         f"{args.dtype}; {args.prompt_tokens}-token prompts, "
         f"a pool of {args.kv_cache_blocks} blocks; "
@@ -137,11 +137,6 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu() -> str:
-    cpu = cpu_description()
-    return f"{cpu['cpu_model']}, {' '.join(cpu['cpu_isa'])}"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.provenance import cpu_description, git_provenance, write_json
+from bench.provenance import cpu_description, cpu_line, git_provenance, write_json
 from bench.serve import render_table, run_load, write_results
 from bench.server_process import keyserve_command, start_server, stop_server
 
@@ -190,8 +190,7 @@ def summary(results: list[dict], servers: list[Server], args: argparse.Namespace
         "",
         f"Command: `python -m bench.peer.compare {shlex.join(sys.argv[1:])}`",
         "",
-        f"CPU: {cpu['cpu_model']}, {' '.join(cpu['cpu_isa'])}; dtype {args.dtype} for every "
-        "server.",
+        f"CPU: {cpu_line(cpu)}; dtype {args.dtype} for every server.",
         "",
         f"Prompts of {_list(args.prompt_tokens)} tokens cut from the Lee corpus, "
         f"{args.output_tokens} output tokens "

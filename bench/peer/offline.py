@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.paired import paired_ratios
-from bench.provenance import cpu_description, describe, git_provenance, write_json
+from bench.provenance import cpu_description, cpu_line, describe, git_provenance, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "performance"
 
@@ -157,7 +157,7 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Date (UTC): {result['date_utc']}; commit {result['commit']}  ",
-        f"CPU: {result['cpu_model']}, {' '.join(result['cpu_isa'])}; both cores for each",
+        f"CPU: {cpu_line(result)}; both cores for each",
         "",
         f"Embedded SmolLM2-135M-Instruct, {w['dtype']}; {w['prompt_tokens']}-token prompts, "
         f"{w['output_tokens']} new tokens, greedy, EOS ignored; {w['kv_cache_gib']} GiB of KV "
