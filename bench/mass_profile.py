@@ -125,8 +125,8 @@ def markdown(args: argparse.Namespace, summary: dict[str, Any]) -> str:
         f"{args.dtype}; policy {args.policy}, target {args.target}.",
         "",
         "Shares of the keys the prompt holds at its end, mean over items. Chosen: "
-        f"the engine's budget (the max over every layer and head); without layers "
-        f"0-{args.skip_layers - 1}: the max over the others.",
+        "the engine's budget (the max over every layer and head); without skipped: "
+        f"the max over the layers after the first {args.skip_layers}.",
         "",
         "| subtask | items | slots | chosen | without skipped | "
         + " | ".join(f"L{i}" for i in range(len(next(iter(summary.values()))["layer_share"])))

@@ -1,5 +1,6 @@
 """Linear layers packed for oneDNN (engine/kernels/linear.py): float32 always,
-bfloat16 where the CPU multiplies bf16 in hardware, nn.Linear kept
+bfloat16 where the CPU multiplies bf16 in hardware (with AMX; without it the
+project's kernel, tests/test_linear_bf16_kernel.py), nn.Linear kept
 elsewhere; the load log names the oneDNN kernel, read from its verbose lines."""
 
 import logging
@@ -8,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine.host.cpu_features import has_bf16_matmul
+from engine.host.cpu_features import has_amx, has_bf16_matmul
+from engine.kernels import cpu as kernels
 from engine.kernels import linear as linear_module
-from engine.kernels.linear import PackedLinear, pack_linears
+from engine.kernels.linear import Bf16Linear, PackedLinear, pack_linears
 from engine.kernels.onednn import implementation
 
 pytestmark = pytest.mark.skipif(
@@ -34,7 +36,10 @@ def _packed_kernel(caplog) -> str:
 
 @needs_bf16
 @pytest.mark.parametrize("rows", [1, 16, 300])
-def test_bf16_linears_are_packed_and_agree(rows, caplog):
+def test_bf16_linears_are_packed_and_agree(rows, caplog, monkeypatch):
+    # oneDNN's path, as on an AMX CPU (tests/test_linear_bf16_kernel.py has
+    # the project's own kernel, which runs them where there is no AMX).
+    monkeypatch.setattr(linear_module, "has_amx", lambda: True)
     model = _model(torch.bfloat16)
     x = torch.randn(rows, 100).bfloat16()
     with torch.no_grad():
@@ -109,5 +114,7 @@ def test_a_bf16_llama_loads_packed(tmp_path):
 
     llm = LLM(str(build_tiny_model("llama", tmp_path)), dtype="bfloat16", kv_cache_blocks=8)
     layer = llm.engine.model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, PackedLinear)
-    assert layer.self_attn.qkv_proj.packed.dtype == torch.bfloat16
+    want = PackedLinear if has_amx() or not kernels.loaded() else Bf16Linear
+    assert type(layer.self_attn.qkv_proj) is want
+    if want is PackedLinear:
+        assert layer.self_attn.qkv_proj.packed.dtype == torch.bfloat16

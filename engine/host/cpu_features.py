@@ -32,3 +32,8 @@ def cpu_flags() -> frozenset[str]:
 def has_bf16_matmul() -> bool:
     """Whether the CPU multiplies bfloat16 in hardware (AVX-512-BF16 or AMX)."""
     return bool(cpu_flags() & BF16_MATMUL_FLAGS)
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX's bfloat16 tiles (oneDNN's fastest matmuls there)."""
+    return "amx_bf16" in cpu_flags()

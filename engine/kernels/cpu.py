@@ -32,6 +32,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / "prefill_scored_cpu.cpp",
     Path(__file__).parent / "csrc" / "decode_scores_cpu.cpp",
     Path(__file__).parent / "csrc" / "sampling_cpu.cpp",
+    Path(__file__).parent / "csrc" / "linear_bf16_cpu.cpp",
 ]
 # Part of the cache key.
 HEADERS = [

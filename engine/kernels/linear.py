@@ -7,12 +7,15 @@ faster on this project's CPUs at every batch size (measured: 155-180 against
 layers are most of a step. Same math, a different summation order.
 
 bfloat16 models are packed too where the CPU multiplies bfloat16 in hardware
-(AVX-512-BF16 or AMX, the CPUs where `dtype="auto"` picks bfloat16): oneDNN
-runs them as brg_matmul on avx512_core_bf16 or avx512_core_amx. Measured on a
-2-core AVX-512-BF16 EPYC: 260 GFLOP/s packed against 214 for F.linear at
-M = 16 (decode), both about 420 at M >= 512. Elsewhere bfloat16 keeps
-nn.Linear (oneDNN would convert in software either way). The load log names
-the kernel oneDNN runs.
+(AVX-512-BF16 or AMX, the CPUs where `dtype="auto"` picks bfloat16). With AMX,
+oneDNN runs them on its tiles (brg_matmul on avx512_core_amx). With
+AVX-512-BF16 alone, the project's own kernel runs them
+(csrc/linear_bf16_cpu.cpp): oneDNN's avx512_core_bf16 matmul reads a decode
+step's weights at a fraction of the memory's speed, and over SmolLM2-135M's
+linears on a 2-core EPYC the kernel is 1.4x faster at M = 16, 1.2x at
+M = 64 and level at M = 2048 (the measure: `python -m bench.linear_bf16`).
+Where neither is possible bfloat16 keeps nn.Linear (oneDNN would convert in
+software). The load log names the kernel that runs.
 """
 
 import logging
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.host.cpu_features import has_bf16_matmul
+from engine.host.cpu_features import has_amx, has_bf16_matmul
+from engine.kernels import cpu as kernels
 from engine.kernels.onednn import kernel_of
 
 logger = logging.getLogger(__name__)
@@ -45,38 +49,68 @@ class PackedLinear(nn.Module):
         return out.view(*shape, self.out_features)
 
 
-def _works(dtype: torch.dtype) -> bool:
-    """oneDNN is in this torch build and agrees with F.linear on a small case."""
+class Bf16Linear(nn.Module):
+    """y = x W^T + b in bfloat16 through the project's AVX-512-BF16 kernel,
+    W packed once into its panels (inference only)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = kernels.ops().pack_linear_bf16(linear.weight.detach())
+        # Added in float32 before the one rounding, as torch does.
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = kernels.ops().linear_bf16(rows, self.packed, self.out_features, self.bias)
+        return out.view(*shape, self.out_features)
+
+
+def _works(make: type[nn.Module], dtype: torch.dtype) -> bool:
+    """`make` builds here and agrees with F.linear on a small case (odd
+    widths, a bias)."""
     try:
-        linear = nn.Linear(8, 4, dtype=dtype)
-        x = torch.randn(3, 8, dtype=dtype)
-        got = PackedLinear(linear)(x)
+        linear = nn.Linear(9, 37, dtype=dtype)
+        x = torch.randn(3, 9, dtype=dtype)
+        got = make(linear)(x)
     except (RuntimeError, AttributeError) as e:
-        logger.info("oneDNN packed linear unavailable (%s); keeping nn.Linear", e)
+        logger.info("%s unavailable (%s)", make.__name__, e)
         return False
     return torch.allclose(got.float(), F.linear(x, linear.weight, linear.bias).float(), atol=1e-2)
 
 
-def _packs(dtype: torch.dtype) -> bool:
-    """Whether CPU linear layers of `dtype` are packed on this machine."""
+def _packing(dtype: torch.dtype) -> type[nn.Module] | None:
+    """The layer CPU linears of `dtype` become on this machine, None to keep nn.Linear."""
     if dtype == torch.bfloat16 and not has_bf16_matmul():
-        return False
+        return None
     if dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return torch.backends.mkldnn.is_available() and _works(dtype)
+        return None
+    own_kernel = dtype == torch.bfloat16 and not has_amx() and kernels.loaded()
+    if own_kernel and _works(Bf16Linear, dtype):
+        return Bf16Linear
+    if torch.backends.mkldnn.is_available() and _works(PackedLinear, dtype):
+        return PackedLinear
+    return None
 
 
 def pack_linears(model: nn.Module) -> int:
     """Swap every nn.Linear of a CPU float32 (or, where the CPU multiplies
-    bfloat16 in hardware, bfloat16) model for a PackedLinear; returns how many."""
+    bfloat16 in hardware, bfloat16) model for a packed layer (PackedLinear
+    for oneDNN, or Bf16Linear); returns how many."""
     params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or not _packs(params[0].dtype):
+    if not params or params[0].device.type != "cpu":
+        return 0
+    packing = _packing(params[0].dtype)
+    if packing is None:
         return 0
     swapped, last = 0, None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                last = PackedLinear(child)
+                last = packing(child)
                 setattr(parent, name, last)
                 swapped += 1
     if last is not None:
@@ -84,12 +118,16 @@ def pack_linears(model: nn.Module) -> int:
     return swapped
 
 
-def _log_kernel(layer: PackedLinear, dtype: torch.dtype, count: int) -> None:
+def _log_kernel(layer: nn.Module, dtype: torch.dtype, count: int) -> None:
+    name = str(dtype).removeprefix("torch.")
+    if isinstance(layer, Bf16Linear):
+        logger.info("linear layers: %d packed for keyserve's avx512_bf16 kernel, %s", count, name)
+        return
     x = torch.zeros(16, layer.in_features, dtype=dtype)
     kernel = kernel_of(lambda: layer(x))
     logger.info(
         "linear layers: %d packed for oneDNN, %s, kernel %s",
         count,
-        str(dtype).removeprefix("torch."),
+        name,
         kernel or "not read (see ONEDNN_VERBOSE=1's lines)",
     )
