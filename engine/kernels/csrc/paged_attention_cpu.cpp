@@ -199,7 +199,8 @@ void prefetch_block(const T* k, const T* v, int64_t elements) {
 struct Scratch {
   std::vector<float> scores, rescale, max, sum, acc, q;
   std::vector<uint32_t> pairs;  // bf16 probability pairs (decode_tiles_bf16.h)
-  // The first block of the thread's next work item (null after its last).
+  // The first block of the thread's next work item (null after its last);
+  // set only for bf16, whose dpbf16 path is the one that prefetches it.
   const void* next_k = nullptr;
   const void* next_v = nullptr;
   int64_t next_elems = 0;
@@ -423,12 +424,14 @@ void attend_batch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cach
       const int64_t b = item / split, h0 = (item % split) * heads_per_item;
       const int64_t n = lens[b];
       TORCH_CHECK(n > 0 && n <= s.max_blocks * s.block_size, "num_keys out of range");
-      const bool more = item + 1 < end;
-      const int64_t next_b = more ? (item + 1) / split : b;
-      const int64_t first = tables[next_b * s.max_blocks];
-      w.next_k = more ? kp + first * block_elems : nullptr;
-      w.next_v = more ? vp + first * block_elems : nullptr;
-      w.next_elems = more ? std::min(s.block_size, lens[next_b]) * s.num_kv_heads * D : 0;
+      if constexpr (std::is_same_v<T, bf16>) {  // only the dpbf16 path prefetches ahead
+        const bool more = item + 1 < end;
+        const int64_t next_b = more ? (item + 1) / split : b;
+        const int64_t first = tables[next_b * s.max_blocks];
+        w.next_k = more ? kp + first * block_elems : nullptr;
+        w.next_v = more ? vp + first * block_elems : nullptr;
+        w.next_elems = more ? std::min(s.block_size, lens[next_b]) * s.num_kv_heads * D : 0;
+      }
       attend(qp + b * q_stride, kp, vp, tables + b * s.max_blocks, n, s, h0, h0 + heads_per_item,
              scale, lp != nullptr ? lp + b * Hq * s.logits_width : nullptr, op + b * Hq * D, w);
     }
