@@ -1,6 +1,7 @@
 """bench.mass_profile: each (layer, head)'s need, whose max is the engine's
 kv_target_mass choice, and the summary of where the budget comes from."""
 
+import pytest
 import torch
 
 from bench.accuracy.common import Item
@@ -54,3 +55,21 @@ def test_the_summary_says_which_layer_sets_the_budget():
     assert s["items"] == 2 and s["mean_slots"] == 150
     assert s["chosen_share"] == 0.8 and s["share_without_skipped"] == 0.4
     assert s["layer_share"] == [0.8, 0.3, 0.4]
+
+
+def test_a_run_on_the_default_model_reports_every_layer(tmp_path):
+    pytest.importorskip("gensim")  # the passkey's text
+    from bench.mass_profile import main
+
+    summary = main(
+        ["--policy", "snapkv", "--target", "0.9", "--lengths", "512", "--depths", "50"]
+        + ["--dtype", "float32", "--steps", "20", "--out", str(tmp_path)]
+    )
+    s = summary["512"]
+    assert s["items"] == 1 and 450 < s["mean_slots"] < 600  # about 512 tokens
+    assert len(s["layer_share"]) == 30  # SmolLM2-135M
+    # The engine's choice is the largest layer's need (to the grid's step).
+    assert abs(s["chosen_share"] - max(s["layer_share"])) <= 1 / 20 + 1e-9
+    assert 0 < s["share_without_skipped"] <= s["chosen_share"] <= 1
+    report = (tmp_path / "mass_profile.md").read_text()
+    assert "| 512 | 1 |" in report and "L29" in report
