@@ -9,14 +9,14 @@ timed in turn.
 """
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.prompt_kernels import interleaved_ms
 from bench.provenance import cpu_description, cpu_line, git_provenance, write_json
 from engine.kernels.linear import Bf16Linear, PackedLinear
 
@@ -29,24 +29,17 @@ def shapes(layers: int) -> list[tuple[int, int]]:
     return LAYER_SHAPES * layers + [LM_HEAD]
 
 
-def timed_pass(modules: list[nn.Module], inputs: dict[int, torch.Tensor]) -> float:
-    start = time.perf_counter()
+def one_pass(modules: list[nn.Module], inputs: dict[int, torch.Tensor]) -> None:
     for module in modules:
         module(inputs[module.in_features])
-    return time.perf_counter() - start
 
 
 def measure(rows: int, sides: dict[str, list[nn.Module]], repeat: int) -> dict[str, float]:
     """{side: median ms of one pass at `rows` rows}, the sides in turn."""
     widths = {m.in_features for m in next(iter(sides.values()))}
     inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in widths}
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    for modules in sides.values():
-        timed_pass(modules, inputs)  # warm-up
-    for _ in range(repeat):
-        for side, modules in sides.items():
-            times[side].append(timed_pass(modules, inputs))
-    return {side: statistics.median(t) * 1e3 for side, t in times.items()}
+    passes = {side: partial(one_pass, modules, inputs) for side, modules in sides.items()}
+    return {side: t["median"] for side, t in interleaved_ms(passes, repeat).items()}
 
 
 def markdown(args: argparse.Namespace, rows: list[dict]) -> str:

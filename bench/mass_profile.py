@@ -116,6 +116,7 @@ def summarize(items: list[Item], choices: list[Choice], skip: int) -> dict[str, 
 
 
 def markdown(args: argparse.Namespace, summary: dict[str, Any]) -> str:
+    layers = len(next(iter(summary.values()))["layer_share"])
     lines = [
         "# Keys a kv_target_mass budget needs, per layer",
         "",
@@ -129,10 +130,10 @@ def markdown(args: argparse.Namespace, summary: dict[str, Any]) -> str:
         f"the max over the layers after the first {args.skip_layers}.",
         "",
         "| subtask | items | slots | chosen | without skipped | "
-        + " | ".join(f"L{i}" for i in range(len(next(iter(summary.values()))["layer_share"])))
+        + " | ".join(f"L{i}" for i in range(layers))
         + " |",
+        "|---|" + "---:|" * (4 + layers),
     ]
-    lines.append("|---|" + "---:|" * (4 + len(next(iter(summary.values()))["layer_share"])))
     for subtask, s in summary.items():
         cells = [str(s["items"]), f"{s['mean_slots']:.0f}", f"{s['chosen_share']:.2f}"]
         cells.append(f"{s['share_without_skipped']:.2f}")

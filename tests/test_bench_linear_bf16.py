@@ -5,19 +5,11 @@ import json
 import pytest
 import torch
 
-from engine.kernels import cpu as kernels
-
-
-def _own_kernel() -> bool:
-    try:
-        kernels.ops().pack_linear_bf16(torch.zeros(1, 2, dtype=torch.bfloat16))
-    except RuntimeError:
-        return False
-    return True
+from engine.kernels.linear import own_bf16_kernel
 
 
 @pytest.mark.skipif(
-    not kernels.loaded() or not _own_kernel() or not torch.backends.mkldnn.is_available(),
+    not own_bf16_kernel() or not torch.backends.mkldnn.is_available(),
     reason="needs the AVX-512-BF16 kernel and oneDNN",
 )
 def test_one_small_pass_is_measured_and_written(tmp_path):

@@ -12,21 +12,10 @@ from torch import nn
 from engine.host.cpu_features import has_bf16_matmul
 from engine.kernels import cpu as kernels
 from engine.kernels import linear as linear_module
-from engine.kernels.linear import Bf16Linear, PackedLinear, pack_linears
-
-
-def _built_with_bf16() -> bool:
-    if not kernels.loaded():
-        return False
-    try:
-        kernels.ops().pack_linear_bf16(torch.zeros(1, 2, dtype=torch.bfloat16))
-    except RuntimeError:
-        return False
-    return True
-
+from engine.kernels.linear import Bf16Linear, PackedLinear, own_bf16_kernel, pack_linears
 
 pytestmark = pytest.mark.skipif(
-    not _built_with_bf16(), reason="CPU kernels built without AVX-512-BF16"
+    not own_bf16_kernel(), reason="CPU kernels built without AVX-512-BF16"
 )
 
 

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from engine.host.cpu_features import has_amx, has_bf16_matmul
-from engine.kernels import cpu as kernels
 from engine.kernels import linear as linear_module
-from engine.kernels.linear import Bf16Linear, PackedLinear, pack_linears
+from engine.kernels.linear import Bf16Linear, PackedLinear, own_bf16_kernel, pack_linears
 from engine.kernels.onednn import implementation
 
 pytestmark = pytest.mark.skipif(
@@ -114,7 +113,7 @@ def test_a_bf16_llama_loads_packed(tmp_path):
 
     llm = LLM(str(build_tiny_model("llama", tmp_path)), dtype="bfloat16", kv_cache_blocks=8)
     layer = llm.engine.model.model.layers[0]
-    want = PackedLinear if has_amx() or not kernels.loaded() else Bf16Linear
+    want = Bf16Linear if not has_amx() and own_bf16_kernel() else PackedLinear
     assert type(layer.self_attn.qkv_proj) is want
     if want is PackedLinear:
         assert layer.self_attn.qkv_proj.packed.dtype == torch.bfloat16

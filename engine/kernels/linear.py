@@ -12,8 +12,9 @@ oneDNN runs them on its tiles (brg_matmul on avx512_core_amx). With
 AVX-512-BF16 alone, the project's own kernel runs them
 (csrc/linear_bf16_cpu.cpp): oneDNN's avx512_core_bf16 matmul reads a decode
 step's weights at a fraction of the memory's speed, and over SmolLM2-135M's
-linears on a 2-core EPYC the kernel is 1.4x faster at M = 16, 1.2x at
-M = 64 and level at M = 2048 (the measure: `python -m bench.linear_bf16`).
+linears on a 2-core EPYC the kernel is 2x faster at M = 1, 1.25x at M = 16,
+1.14x at M = 64 and 1-2% slower at M = 512-2048 (prompt chunks;
+bench/results/bf16_linear/, `python -m bench.linear_bf16`).
 Where neither is possible bfloat16 keeps nn.Linear (oneDNN would convert in
 software). The load log names the kernel that runs.
 """
@@ -56,7 +57,9 @@ class Bf16Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = kernels.ops().pack_linear_bf16(linear.weight.detach())
+        ops = kernels.ops()
+        self.packed = ops.pack_linear_bf16(linear.weight.detach())
+        self._linear = ops.linear_bf16  # looked up once: forward is on every step's path
         # Added in float32 before the one rounding, as torch does.
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
@@ -65,7 +68,7 @@ class Bf16Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        out = kernels.ops().linear_bf16(rows, self.packed, self.out_features, self.bias)
+        out = self._linear(rows, self.packed, self.out_features, self.bias)
         return out.view(*shape, self.out_features)
 
 
@@ -82,13 +85,25 @@ def _works(make: type[nn.Module], dtype: torch.dtype) -> bool:
     return torch.allclose(got.float(), F.linear(x, linear.weight, linear.bias).float(), atol=1e-2)
 
 
+def own_bf16_kernel() -> bool:
+    """Whether the C++ kernels are built here with the bf16 linear kernel
+    (a build without AVX-512-BF16 refuses to pack)."""
+    if not kernels.loaded():
+        return False
+    try:
+        kernels.ops().pack_linear_bf16(torch.zeros(1, 2, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
+
+
 def _packing(dtype: torch.dtype) -> type[nn.Module] | None:
     """The layer CPU linears of `dtype` become on this machine, None to keep nn.Linear."""
     if dtype == torch.bfloat16 and not has_bf16_matmul():
         return None
     if dtype not in (torch.float32, torch.bfloat16):
         return None
-    own_kernel = dtype == torch.bfloat16 and not has_amx() and kernels.loaded()
+    own_kernel = dtype == torch.bfloat16 and not has_amx() and own_bf16_kernel()
     if own_kernel and _works(Bf16Linear, dtype):
         return Bf16Linear
     if torch.backends.mkldnn.is_available() and _works(PackedLinear, dtype):

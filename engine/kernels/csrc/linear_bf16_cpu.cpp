@@ -2,10 +2,11 @@
 //
 // oneDNN's brg_matmul on this project's AVX-512-BF16 CPUs (no AMX) reads a
 // decode step's weights well below the memory's speed: over SmolLM2-135M's
-// linears it took 13.3 ms at M = 1 (20 GB/s of weights) and 19 ms at M = 16,
-// where this kernel takes 6 and 13 (1.4-2.2x), and it is level or ahead up
-// to M = 2048 (426 against 422 GFLOP/s). Decode steps are most of a served
-// run's time, and linears most of a decode step.
+// linears it took 12.9 ms at M = 1 (21 GB/s of weights) and 18 ms at M = 16,
+// where this kernel takes 6.6 and 14.4 (1.96x, 1.25x; 1.14x at M = 64), and
+// it is 1-2% behind at prompt sizes (M = 512-2048, about 400 GFLOP/s both;
+// bench/results/bf16_linear/). Decode steps are most of a served run's time,
+// and linears most of a decode step.
 //
 // The weight is packed once, at load, into panels of 32 output columns with
 // k in pairs: panel p holds, for each pair j, the 32 words (W[n][2j],
