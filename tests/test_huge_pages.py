@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.host import huge_pages
-from engine.host.huge_pages import empty_with_huge_pages
+from engine.host.huge_pages import empty_with_huge_pages, gather_on_huge_pages
 
 
 def test_an_advised_tensor_is_an_ordinary_tensor():
@@ -25,6 +25,30 @@ def test_empty_tensors_and_other_dtypes():
     assert empty_with_huge_pages(0, 4, dtype=torch.int32, device=torch.device("cpu")).numel() == 0
     t = empty_with_huge_pages(7, dtype=torch.bfloat16, device=torch.device("cpu")).fill_(1.5)
     assert t.float().sum().item() == 10.5
+
+
+def test_gathered_tensors_are_equal_copies_in_one_huge_page_aligned_allocation(monkeypatch):
+    calls = _advice_spy(monkeypatch)
+    tensors = [
+        torch.randn(5, 7),
+        torch.arange(3, dtype=torch.int32),
+        torch.randn(33, dtype=torch.float64).to(torch.bfloat16),
+        torch.randn(300, 1000)[:, ::2],  # not contiguous: the copy is
+    ]
+    copies = gather_on_huge_pages(tensors)
+    for t, c in zip(tensors, copies, strict=True):
+        assert c.dtype == t.dtype and c.shape == t.shape and c.is_contiguous()
+        assert torch.equal(c, t)
+    ((start, length, _),) = calls  # one allocation, advised once
+    storage = copies[0].untyped_storage().data_ptr()
+    assert all(c.untyped_storage().data_ptr() == storage for c in copies)
+    # The first starts on a 2 MB boundary, each on a 64-byte one, none overlapping.
+    assert copies[0].data_ptr() % (2 << 20) == 0
+    ends = [c.data_ptr() + c.numel() * c.element_size() for c in copies]
+    for c, end_before in zip(copies[1:], ends, strict=False):
+        assert c.data_ptr() % 64 == 0 and c.data_ptr() >= end_before
+    assert start <= copies[0].data_ptr() and ends[-1] <= start + length
+    assert gather_on_huge_pages([]) == []
 
 
 def _advice_spy(monkeypatch) -> list[tuple[int, int, int]]:
@@ -85,7 +109,7 @@ def _thp_mode() -> str | None:
 # before anything in that process was advised; 12 MB gets a mapping of its own.
 _CHILD = """
 import json, torch
-from engine.host.huge_pages import empty_with_huge_pages
+from engine.host.huge_pages import empty_with_huge_pages, gather_on_huge_pages
 plain = torch.empty(3, 1 << 20)
 advised = empty_with_huge_pages(3, 1 << 20, dtype=torch.float32, device=torch.device("cpu"))
 print(json.dumps({"plain": plain.data_ptr(), "advised": advised.data_ptr(),

@@ -117,3 +117,7 @@ def test_a_bf16_llama_loads_packed(tmp_path):
     assert type(layer.self_attn.qkv_proj) is want
     if want is PackedLinear:
         assert layer.self_attn.qkv_proj.packed.dtype == torch.bfloat16
+    else:  # every packed weight in one allocation on huge pages
+        layers = [m for m in llm.engine.model.modules() if isinstance(m, Bf16Linear)]
+        storages = {m.packed.untyped_storage().data_ptr() for m in layers}
+        assert len(layers) > 4 and len(storages) == 1

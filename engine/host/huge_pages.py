@@ -47,3 +47,32 @@ def empty_with_huge_pages(*shape: int, dtype: torch.dtype, device: torch.device)
     if madvise(start, length, MADV_HUGEPAGE) != 0:
         logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
     return t
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def gather_on_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of CPU `tensors`, laid out one after another in one allocation
+    on huge pages, for weights that every step streams from memory.
+
+    A tensor advised on its own gets huge pages only for the 2 MB-aligned
+    stretches inside it, none for one of 1-2 MB; one allocation that starts
+    on a 2 MB boundary gets them nearly everywhere. Measured on the 2-core
+    EPYC: SmolLM2's packed gate_up weight, 30 copies read in turn, 1.2x faster
+    at one row and 1.04x at 64 (the TLB walks were the difference).
+    """
+    if not tensors:
+        return []
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
+    arena = empty_with_huge_pages(
+        sum(sizes) + _HUGE_PAGE, dtype=torch.uint8, device=tensors[0].device
+    )
+    offset = -arena.data_ptr() % _HUGE_PAGE
+    copies = []
+    for t, size in zip(tensors, sizes, strict=True):
+        nbytes = t.numel() * t.element_size()
+        copy = arena[offset : offset + nbytes].view(t.dtype).view(t.shape)
+        copies.append(copy.copy_(t))
+        offset += size
+    return copies

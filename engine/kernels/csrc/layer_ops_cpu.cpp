@@ -196,8 +196,7 @@ void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, d
 // overflows: g / (1 + e) for g >= 0, g e / (1 + e) below.
 inline f32x16 silu16(f32x16 g) {
   const f32x16 zero = {};
-  const f32x16 magnitude = g < zero ? zero - g : g;
-  const f32x16 e = exp16_nonpositive(zero - magnitude);
+  const f32x16 e = exp16_nonpositive(zero - keyserve::abs16(g));
   const f32x16 numerator = g < zero ? g * e : g;
   return numerator / (e + 1.f);
 }
