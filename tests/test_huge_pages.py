@@ -109,7 +109,7 @@ def _thp_mode() -> str | None:
 # before anything in that process was advised; 12 MB gets a mapping of its own.
 _CHILD = """
 import json, torch
-from engine.host.huge_pages import empty_with_huge_pages, gather_on_huge_pages
+from engine.host.huge_pages import empty_with_huge_pages
 plain = torch.empty(3, 1 << 20)
 advised = empty_with_huge_pages(3, 1 << 20, dtype=torch.float32, device=torch.device("cpu"))
 print(json.dumps({"plain": plain.data_ptr(), "advised": advised.data_ptr(),

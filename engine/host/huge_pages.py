@@ -64,15 +64,14 @@ def gather_on_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     if not tensors:
         return []
-    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
+    nbytes = [t.numel() * t.element_size() for t in tensors]
+    slots = [-(-n // 64) * 64 for n in nbytes]  # each copy 64-byte aligned
     arena = empty_with_huge_pages(
-        sum(sizes) + _HUGE_PAGE, dtype=torch.uint8, device=tensors[0].device
+        sum(slots) + _HUGE_PAGE, dtype=torch.uint8, device=tensors[0].device
     )
     offset = -arena.data_ptr() % _HUGE_PAGE
     copies = []
-    for t, size in zip(tensors, sizes, strict=True):
-        nbytes = t.numel() * t.element_size()
-        copy = arena[offset : offset + nbytes].view(t.dtype).view(t.shape)
-        copies.append(copy.copy_(t))
-        offset += size
+    for t, n, slot in zip(tensors, nbytes, slots, strict=True):
+        copies.append(arena[offset : offset + n].view(t.dtype).view(t.shape).copy_(t))
+        offset += slot
     return copies
