@@ -5,7 +5,8 @@ the scheduler first lowers the budgets of running evicting sequences that
 allow it, one block at a time, the sequence that loses the least retained
 score first, and cuts them at once so the blocks are free before the batch is
 reserved. It preempts only when nothing is left to squeeze. A sequence is
-never squeezed below its `kv_min_tokens`; `full` sequences never are.
+never squeezed below its `kv_min_tokens`, nor below `kv_squeeze_min_ratio` of
+the budget it asked for; `full` sequences never are.
 
 It squeezes to admit too: when the request at the head of the waiting queue
 (FCFS, as admission goes) does not fit in the free blocks, the same sequences
@@ -25,6 +26,7 @@ block counts, not the scores in the cache tensors.
 """
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,6 +65,15 @@ def squeezable(request: Request) -> bool:
     )
 
 
+def squeeze_floor(request: Request) -> int:
+    """The least budget a squeeze may leave: kv_min_tokens, and
+    kv_squeeze_min_ratio of the budget the request asked for; never 0."""
+    settings = request.kv.settings
+    # Rounded first, so that a share like 0.55 * 100 = 55.00000000000001 is 55.
+    share = math.ceil(round(settings.kv_squeeze_min_ratio * request.kv.budget, 6))
+    return max(settings.kv_min_tokens, share, 1)
+
+
 def squeeze_target(
     request: Request, num_slots: int, new_tokens: int, block_size: int
 ) -> int | None:
@@ -71,14 +82,13 @@ def squeeze_target(
     it computes this step), or None when that is below its floor."""
     peak_blocks = blocks_for(num_slots + new_tokens, block_size)
     target = (peak_blocks - 1) * block_size - new_tokens
-    floor = max(request.kv.settings.kv_min_tokens, 1)
-    return target if target >= floor else None
+    return target if target >= squeeze_floor(request) else None
 
 
 def squeeze_capacity(request: Request, num_slots: int, new_tokens: int, block_size: int) -> int:
     """How many squeeze steps the sequence has before its floor: the blocks
     squeezing it can take off this step's peak (as `squeeze_target` steps)."""
-    floor = max(request.kv.settings.kv_min_tokens, 1)
+    floor = squeeze_floor(request)
     peak = blocks_for(num_slots + new_tokens, block_size)
     return max(0, peak - blocks_for(floor + new_tokens, block_size))
 

@@ -239,13 +239,17 @@ def test_kv_pressure_and_floor_reach_the_evicting_runs_only() -> None:
     from bench.accuracy import runner
 
     item = Item("summarization", "lee", "0", "text", 8)
-    kv = runner.KVOptions("squeeze", 64)
+    kv = runner.KVOptions("squeeze", 64, squeeze_min_ratio=0.5)
     p = runner.params(item, 0, "h2o", 0.3, kv)
     assert (p.kv_pressure, p.kv_min_tokens, p.kv_ratio) == ("squeeze", 64, 0.3)
+    assert p.kv_squeeze_min_ratio == 0.5
     full = runner.params(item, 0, "full", 1.0, kv)
-    assert (full.kv_pressure, full.kv_min_tokens) == (None, None)
-    args = cli.parse_args(["--kv-pressure", "squeeze", "--kv-min-tokens", "64"])
+    assert (full.kv_pressure, full.kv_min_tokens, full.kv_squeeze_min_ratio) == (None,) * 3
+    args = cli.parse_args(
+        ["--kv-pressure", "squeeze", "--kv-min-tokens", "64", "--kv-squeeze-min-ratio", "0.5"]
+    )
     assert (args.kv_pressure, args.kv_min_tokens, args.kv_cache_blocks) == ("squeeze", 64, None)
+    assert args.kv_squeeze_min_ratio == 0.5
 
 
 def test_prefill_chunk_and_token_budget_reach_the_engine_and_runs(monkeypatch) -> None:

@@ -105,7 +105,10 @@ def test_keyserve_command_is_a_valid_serve_invocation():
 
 
 def test_kv_pressure_starts_a_server_per_value_with_its_floor():
-    args = parse_args(["--kv-pressure", "preempt", "squeeze", "--kv-min-tokens", "64"])
+    args = parse_args(
+        ["--kv-pressure", "preempt", "squeeze", "--kv-min-tokens", "64"]
+        + ["--kv-squeeze-min-ratio", "0.5"]
+    )
     assert args.kv_pressure == ["preempt", "squeeze"]
     preempt = keyserve_server("keyformer", args, 8400)
     squeeze = keyserve_server("keyformer", args, 8401, "squeeze")
@@ -114,7 +117,9 @@ def test_kv_pressure_starts_a_server_per_value_with_its_floor():
         serve_args = server.command[server.command.index("serve") :]
         config = serve_config(build_parser().parse_args(serve_args))
         assert (config.kv_pressure, config.kv_min_tokens) == (pressure, 64)
-    assert "--kv-min-tokens" not in keyserve_server("full", parse_args([]), 8401).command
+        assert config.kv_squeeze_min_ratio == 0.5
+    unset = keyserve_server("full", parse_args([]), 8401).command
+    assert "--kv-min-tokens" not in unset and "--kv-squeeze-min-ratio" not in unset
 
 
 def test_vllm_gets_every_core_and_the_same_kv_size(monkeypatch):

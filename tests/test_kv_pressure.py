@@ -8,7 +8,7 @@ from kv_manager import KVCacheManager
 from kv_manager.manager import blocks_for
 from kv_manager.policies import KVPolicySettings, SequencePolicy
 from scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SlotCut
-from scheduler.pressure import squeeze_capacity, squeeze_target
+from scheduler.pressure import squeeze_capacity, squeeze_floor, squeeze_target
 
 BLOCK = 4
 
@@ -21,11 +21,16 @@ def kv_request(
     pressure: str = "squeeze",
     min_tokens: int = 8,
     ratio: float = 1.0,
+    squeeze_min_ratio: float = 0.0,
 ) -> Request:
     # kv_ratio 1: the budget is the prompt, so a decode at a block boundary
     # needs one block more than the prompt did.
     settings = KVPolicySettings(
-        kv_policy=policy, kv_ratio=ratio, kv_min_tokens=min_tokens, kv_pressure=pressure
+        kv_policy=policy,
+        kv_ratio=ratio,
+        kv_min_tokens=min_tokens,
+        kv_pressure=pressure,
+        kv_squeeze_min_ratio=squeeze_min_ratio,
     )
     kv = SequencePolicy.resolve(settings, prompt_len, seed=0)
     return Request(rid, list(range(prompt_len)), max_tokens, kv=kv, arrival_time=0.0)
@@ -105,6 +110,7 @@ def check_pool(sched: Scheduler) -> None:
         if r.squeezes:
             assert kv.num_slots(r.request_id) <= r.slot_budget
             assert r.slot_budget >= r.kv.settings.kv_min_tokens
+            assert r.slot_budget >= r.kv.settings.kv_squeeze_min_ratio * r.kv.budget
 
 
 def test_the_default_pressure_policy_is_preempt():
@@ -122,9 +128,24 @@ def test_a_squeeze_step_takes_one_block_off_the_peak():
     assert squeeze_target(kv_request("b", min_tokens=0), 3, 1, BLOCK) is None  # never to 0
 
 
-@pytest.mark.parametrize("floor", [0, 3, 8, 13])
-def test_the_capacity_counts_the_steps_squeeze_target_takes(floor):
-    r = kv_request("a", min_tokens=floor)
+def test_a_squeeze_stops_at_its_share_of_the_budget_asked():
+    # Budget 16: a share of 0.75 is a floor of 12, above kv_min_tokens 8.
+    r = kv_request("a", min_tokens=8, squeeze_min_ratio=0.75)
+    assert squeeze_floor(r) == 12
+    assert squeeze_target(r, 16, 1, BLOCK) == 15
+    assert squeeze_target(r, 15, 1, BLOCK) is None  # 11 would be under 12
+    # The larger of the two floors holds; a share is rounded up, but not past
+    # an exact product (0.55 * 100 is 55.00000000000001 in floats).
+    assert squeeze_floor(kv_request("b", min_tokens=13, squeeze_min_ratio=0.75)) == 13
+    hundred = {"prompt_len": 100, "min_tokens": 0}
+    assert squeeze_floor(kv_request("c", squeeze_min_ratio=0.55, **hundred)) == 55
+    assert squeeze_floor(kv_request("d", squeeze_min_ratio=0.551, **hundred)) == 56
+    assert squeeze_floor(kv_request("e", min_tokens=0)) == 1  # never to 0
+
+
+@pytest.mark.parametrize("floor, share", [(0, 0.0), (3, 0.0), (8, 0.0), (13, 0.0), (0, 0.5)])
+def test_the_capacity_counts_the_steps_squeeze_target_takes(floor, share):
+    r = kv_request("a", min_tokens=floor, squeeze_min_ratio=share)
     for slots in range(1, 30):
         for new_tokens in (0, 1, 5):
             steps, budget = 0, slots
@@ -162,6 +183,22 @@ def test_squeezing_stops_at_kv_min_tokens_and_then_preempts():
     # A floor of 15 allows one step each, which is just enough.
     sim = PressureSim(12)
     requests = [kv_request(r, min_tokens=15) for r in "abc"]
+    sim.add(*requests)
+    sim.run()
+    assert sim.preempted == []
+    assert [r.squeezes for r in requests] == [[(16, 15)]] * 3
+
+
+def test_squeezing_stops_at_its_share_of_the_budget_and_then_preempts():
+    # The same three as above with kv_min_tokens 0: a share of 0.95 (a floor
+    # of 16) leaves nothing to squeeze; 0.9 (15) allows one step each.
+    sim = PressureSim(12)
+    sim.add(*(kv_request(r, min_tokens=0, squeeze_min_ratio=0.95) for r in "abc"))
+    sim.step()
+    sim.step()
+    assert sim.squeezer.cuts == [] and sim.preempted == ["c"]
+    sim = PressureSim(12)
+    requests = [kv_request(r, min_tokens=0, squeeze_min_ratio=0.9) for r in "abc"]
     sim.add(*requests)
     sim.run()
     assert sim.preempted == []

@@ -60,6 +60,8 @@ def test_every_setting_is_described():
         ("sink_tokens", -2, "sink_tokens must be non-negative, got -2"),
         ("tau_init", 0.0, "tau_init must be positive, got 0.0"),
         ("tau_end", math.inf, "tau_end must be positive, got inf"),
+        ("kv_squeeze_min_ratio", 1.5, "kv_squeeze_min_ratio must be in [0, 1], got 1.5"),
+        ("kv_squeeze_min_ratio", -0.1, "kv_squeeze_min_ratio must be in [0, 1], got -0.1"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, message):

@@ -45,6 +45,7 @@ def test_schema_lists_every_kv_field_with_type_help_and_range(model):
         ("sink_tokens", -1),
         ("tau_init", 0),
         ("tau_end", -2.0),
+        ("kv_squeeze_min_ratio", 2),
     ],
 )
 def test_bad_kv_value_is_refused_naming_the_field(model, base, field, value):
@@ -69,6 +70,7 @@ def test_kv_fields_reach_sampling_params(model, base):
         "snapkv_pooling": "avg",
         "decode_scoring": "frozen",
         "kv_pressure": "squeeze",
+        "kv_squeeze_min_ratio": 0.5,
     }
     # kv_target_mass is the other budget rule: given instead of kv_ratio.
     assert set(kv) | {"kv_target_mass"} == set(KV_POLICY_FIELDS)

@@ -69,7 +69,7 @@ def test_every_kv_setting_has_a_flag(command):
     argv += ["--kv-min-tokens", "0", "--recent-ratio", "0.5", "--sink-tokens", "2"]
     argv += ["--tau-init", "0.5", "--tau-end", "3", "--kv-pressure", "squeeze"]
     argv += ["--score-window", "16", "--snapkv-kernel", "5", "--snapkv-pooling", "avg"]
-    argv += ["--decode-scoring", "frozen"]
+    argv += ["--decode-scoring", "frozen", "--kv-squeeze-min-ratio", "0.5"]
     args = build_parser().parse_args(prefix + argv)
     given = {s.name: getattr(args, s.name) for s in KV_SETTINGS if s.name != "kv_target_mass"}
     assert given == {
@@ -85,6 +85,7 @@ def test_every_kv_setting_has_a_flag(command):
         "snapkv_kernel": 5,
         "snapkv_pooling": "avg",
         "decode_scoring": "frozen",
+        "kv_squeeze_min_ratio": 0.5,
         "kv_pressure": "squeeze",
     }
     assert all(type(given[s.name]) is s.kind for s in KV_SETTINGS if s.name in given)

@@ -144,7 +144,7 @@ BURST = ["full", "h2o", "keyformer", "window", "streaming", "h2o", "keyformer", 
 BURST_LENGTHS = [16, 16, 20, 24, 12, 16, 20, 16]
 
 
-def _burst(folder, pressure: str):
+def _burst(folder, pressure: str, kv: dict = HALF):
     """Runs the burst; returns the engine, its outputs, its Requests and the
     ids of sequences squeezed in a step that admitted a waiting request."""
     llm = _llm(folder, 20)
@@ -152,7 +152,7 @@ def _burst(folder, pressure: str):
     checker = InvariantChecker(llm)
     requests, results, squeezed_to_admit = {}, {}, set()
     for i, (prompt, policy) in enumerate(zip(_prompts(BURST_LENGTHS), BURST, strict=True)):
-        params = _params(policy, i, pressure, HALF)
+        params = _params(policy, i, pressure, kv)
         engine.add_request(str(i), prompt, params)
         requests[str(i)] = (engine.scheduler.requests[str(i)], prompt, params)
     while engine.has_unfinished_requests():
@@ -187,3 +187,21 @@ def test_squeezing_to_admit_runs_more_at_once_and_keeps_the_dense_reference(fold
         assert usage.num_squeezes == len(request.squeezes)
         assert usage.squeezed_budget == (request.slot_budget if request.squeezes else None)
         assert all(budget >= HALF["kv_min_tokens"] for _, budget in request.squeezes)
+
+
+def test_a_squeeze_keeps_its_share_of_the_budget_asked(folder):
+    # Budgets of 6-12 tokens; a share of 0.75 leaves each at most one block
+    # to give, where kv_min_tokens 4 alone lets most give two.
+    free, _, free_requests, _ = _burst(folder, "squeeze")
+    floored = dict(HALF, kv_squeeze_min_ratio=0.75)
+    engine, results, requests, _ = _burst(folder, "squeeze", floored)
+    assert engine.stats()["squeezes"] > 0
+    lowest = {}
+    for i, (request, _, _) in requests.items():
+        for _, budget in request.squeezes:
+            assert budget >= 0.75 * request.kv.budget, (i, budget, request.kv.budget)
+        lowest[i] = request.slot_budget
+    free_lowest = {i: r.slot_budget for i, (r, _, _) in free_requests.items()}
+    assert any(lowest[i] > free_lowest[i] for i in lowest if lowest[i] is not None)
+    assert engine.stats()["peak_running"] <= free.stats()["peak_running"]
+    assert all(results[i].finished for i in requests)

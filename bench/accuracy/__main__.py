@@ -101,6 +101,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kv-min-tokens", type=int, default=0, help="evicting runs' kv_min_tokens (squeeze floor)"
     )
     p.add_argument(
+        "--kv-squeeze-min-ratio",
+        type=float,
+        default=0.0,
+        help="evicting runs' kv_squeeze_min_ratio (a squeeze's floor as a share of the budget)",
+    )
+    p.add_argument(
         "--kv-max-tokens",
         type=int,
         default=None,
@@ -264,7 +270,9 @@ def main(argv: Sequence[str] | None = None, llm: Any = None) -> dict[str, Path]:
         items = resume.pending(items, previous)
     if not items:
         raise SystemExit("no items to run")
-    kv = runner.KVOptions(args.kv_pressure, args.kv_min_tokens, args.kv_max_tokens)
+    kv = runner.KVOptions(
+        args.kv_pressure, args.kv_min_tokens, args.kv_max_tokens, args.kv_squeeze_min_ratio
+    )
     result = runner.run(llm, items, configs, kv)
     scores = runner.score_all(items, result, SCORERS)
     stats = getattr(getattr(llm, "engine", None), "stats", None)

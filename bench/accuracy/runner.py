@@ -38,11 +38,12 @@ class RunResult:
 
 @dataclass(frozen=True)
 class KVOptions:
-    """What every evicting run shares: the pressure policy and the floor."""
+    """What every evicting run shares: the pressure policy and the floors."""
 
     pressure: str = "preempt"
     min_tokens: int = 0
     max_tokens: int | None = None  # a cap on the budget in tokens (kv_max_tokens)
+    squeeze_min_ratio: float = 0.0  # a squeeze's floor as a share of the budget
 
 
 def configs(
@@ -96,7 +97,12 @@ def params(
     fields = policy_fields(policy.removesuffix(MASS))
     if policy != "full":
         rule = "kv_target_mass" if policy.endswith(MASS) else "kv_ratio"
-        fields.update({rule: budget}, kv_min_tokens=kv.min_tokens, kv_pressure=kv.pressure)
+        fields.update(
+            {rule: budget},
+            kv_min_tokens=kv.min_tokens,
+            kv_pressure=kv.pressure,
+            kv_squeeze_min_ratio=kv.squeeze_min_ratio,
+        )
         if kv.max_tokens is not None:
             fields.update(kv_max_tokens=kv.max_tokens)
     return SamplingParams(temperature=0.0, max_tokens=item.max_tokens, seed=index, **fields)

@@ -88,6 +88,11 @@ def _block_size(args: argparse.Namespace) -> list[str]:
     return ["--block-size", str(args.block_size)] if args.block_size else []
 
 
+def _squeeze_floor(args: argparse.Namespace) -> list[str]:
+    ratio = args.kv_squeeze_min_ratio
+    return ["--kv-squeeze-min-ratio", str(ratio)] if ratio else []
+
+
 def keyserve_server(
     policy: str, args: argparse.Namespace, port: int, pressure: str = "preempt"
 ) -> Server:
@@ -103,6 +108,7 @@ def keyserve_server(
         "--kv-ratio", str(args.kv_ratio),
         "--kv-pressure", pressure,
         *(["--kv-min-tokens", str(args.kv_min_tokens)] if args.kv_min_tokens is not None else []),
+        *_squeeze_floor(args),
         "--max-num-seqs", str(args.max_num_seqs),
         "--dtype", args.dtype,
         "--log-level", "warning",
@@ -317,6 +323,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keyserve servers' --kv-pressure: one server per policy and value",
     )
     p.add_argument("--kv-min-tokens", type=int, help="keyserve's --kv-min-tokens (its floor)")
+    p.add_argument(
+        "--kv-squeeze-min-ratio",
+        type=float,
+        default=0.0,
+        help="keyserve's --kv-squeeze-min-ratio (a squeeze's floor as a share of the budget)",
+    )
     p.add_argument(
         "--full-share",
         type=float,

@@ -143,6 +143,17 @@ class KVPolicySettings:
         "waiting requests; preempt keeps its budget",
         choices=PRESSURE_NAMES,
     )
+    # NOTE: a floor relative to the budget, beside kv_min_tokens, because one
+    # absolute floor cannot suit every prompt length: 64 tokens kept 512-token
+    # summaries close to their unsqueezed quality but cost a 3,000-token one
+    # most of it (bench/results/pressure).
+    kv_squeeze_min_ratio: float = _setting(
+        0.0,
+        "squeeze: never lower the budget below this share of the budget asked "
+        "(nor below kv_min_tokens); 0: kv_min_tokens alone",
+        ge=0.0,
+        le=1.0,
+    )
 
     def __post_init__(self) -> None:
         for name in KV_POLICY_FIELDS:
